@@ -1,0 +1,9 @@
+"""The engine layer: the only code that calls llama.cpp (through llama-cpp-python's low-level API)."""
+
+from __future__ import annotations
+
+from pccpu.engine.context import ContextSettings, LlamaContext
+from pccpu.engine.model import LlamaModel, ModelInfo
+from pccpu.engine.threads import available_cores
+
+__all__ = ["ContextSettings", "LlamaContext", "LlamaModel", "ModelInfo", "available_cores"]

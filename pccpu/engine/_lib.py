@@ -1,0 +1,56 @@
+"""Loading llama_cpp once: backend init and llama.cpp's log output routed into Python ``logging``.
+
+llama.cpp logs through a C callback. We install ours (the logger ``pccpu.llama``) in place of
+llama-cpp-python's, which prints to stderr. llama.cpp's INFO lines go to DEBUG and its WARN lines to
+INFO, so they are quiet unless ``--verbose`` (logging DEBUG) is asked for; its errors stay errors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from types import ModuleType
+
+logger = logging.getLogger("pccpu.llama")
+
+# enum ggml_log_level: NONE 0, INFO 1, WARN 2, ERROR 3, DEBUG 4, CONT 5 (continues the previous line)
+_GGML_TO_LOGGING = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.INFO, 3: logging.ERROR, 4: logging.DEBUG}
+
+_lock = threading.Lock()
+_lib: ModuleType | None = None
+_callback: object = None  # keeps the ctypes callback alive for the life of the process
+_pending_level = logging.DEBUG
+_pending_text: list[str] = []
+
+
+def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    global _pending_level
+    if level != 5:
+        _pending_level = _GGML_TO_LOGGING.get(level, logging.DEBUG)
+    _pending_text.append(text.decode("utf-8", errors="replace"))
+    joined = "".join(_pending_text)
+    if joined.endswith("\n"):
+        _pending_text.clear()
+        if logger.isEnabledFor(_pending_level):
+            logger.log(_pending_level, joined.rstrip("\n"))
+
+
+def lib() -> ModuleType:
+    """Return the ``llama_cpp`` module, initialising the backend and the log bridge on first use."""
+    global _lib, _callback
+    with _lock:
+        if _lib is None:
+            import llama_cpp
+
+            _callback = llama_cpp.llama_log_callback(_on_log)
+            llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _lib = llama_cpp
+        return _lib
+
+
+def llama_build_info() -> str:
+    """llama-cpp-python's version and llama.cpp's system info: part of every cache key."""
+    llama_cpp = lib()
+    return f"llama-cpp-python {llama_cpp.__version__}; {llama_cpp.llama_print_system_info().decode().strip()}"
