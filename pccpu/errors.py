@@ -25,6 +25,7 @@
     │   ├── SourceFileError         a src= file that is missing, unreadable or not UTF-8
     │   ├── PmlStructureError       an element or attribute in a place PML does not allow
     │   └── LayoutOverflowError     a schema or prompt whose positions exceed the model's context
+    ├── BusyError                   a PromptCache called from a second thread while a call is running
     ├── TemplateError               a chat template that cannot be split into role prefixes and suffixes
     └── StoreError                  the module store cannot be read or written
         └── CorruptEntryError       a stored module with a bad magic, version, checksum or key
@@ -145,6 +146,10 @@ class PmlStructureError(PmlError):
 
 
 class LayoutOverflowError(PmlError):
+    pass
+
+
+class BusyError(PccpuError):
     pass
 
 

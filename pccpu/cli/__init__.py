@@ -33,8 +33,10 @@ def main(verbose: bool) -> None:
 
 def _register() -> None:
     from pccpu.cli import models as models_cli
+    from pccpu.cli import schema as schema_cli
 
     main.add_command(models_cli.models)
+    main.add_command(schema_cli.schema)
 
 
 _register()

@@ -66,8 +66,8 @@ class ContextSettings:
                 raise InvalidArgumentError(f"{name} must be a positive integer, got {value!r}")
         if self.n_ubatch > self.n_batch:
             raise InvalidArgumentError(f"n_ubatch ({self.n_ubatch}) cannot exceed n_batch ({self.n_batch})")
-        if self.n_seq_max > MAX_SEQ:
-            raise InvalidArgumentError(f"n_seq_max is at most {MAX_SEQ} in llama.cpp, got {self.n_seq_max}")
+        if self.n_seq_max > MAX_SEQ - 1:  # pccpu keeps one sequence for itself
+            raise InvalidArgumentError(f"n_seq_max is at most {MAX_SEQ - 1} here, got {self.n_seq_max}")
         for name in ("type_k", "type_v"):
             if getattr(self, name) not in KV_TYPES:
                 raise InvalidArgumentError(f"{name} must be one of {sorted(KV_TYPES)}, got {getattr(self, name)!r}")
@@ -118,7 +118,7 @@ class LlamaContext:
         params.n_ctx = s.n_ctx
         params.n_batch = s.n_batch
         params.n_ubatch = s.n_ubatch
-        params.n_seq_max = s.n_seq_max
+        params.n_seq_max = s.n_seq_max + 1  # one more, kept internal, for apply_pending_shift()
         params.n_threads = s.n_threads
         params.n_threads_batch = s.n_threads_batch
         params.flash_attn_type = (
@@ -140,7 +140,8 @@ class LlamaContext:
         self._memory = llama_cpp.llama_get_memory(handle)
         self.n_ctx = llama_cpp.llama_n_ctx(handle)
         self.n_batch = llama_cpp.llama_n_batch(handle)
-        self.n_seq_max = llama_cpp.llama_n_seq_max(handle)
+        self.n_seq_max = llama_cpp.llama_n_seq_max(handle) - 1
+        self._internal_seq = self.n_seq_max
         self._n_vocab = model.info.n_vocab
         self._lock = threading.RLock()
         self._shift_pending = False
@@ -280,6 +281,19 @@ class LlamaContext:
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
 
     # -- sequence (KV memory) operations ---------------------------------------------------------------
+    def apply_pending_shift(self) -> None:
+        """Apply pending ``seq_add`` shifts now (llama.cpp applies them inside the next decode): decodes one token
+        into an internal sequence and removes it again."""
+        with self._lock:
+            if not self._shift_pending:
+                return
+            token = max(self.model.bos_token, 0)
+            self._fill_batch(np.array([token], dtype=np.int32), self._internal_seq, 0, "none", True)
+            try:
+                self._decode_batch()
+            finally:
+                lib().llama_memory_seq_rm(self._memory, self._internal_seq, -1, -1)
+
     def seq_pos_min(self, seq_id: int) -> int:
         """Smallest position held by the sequence, -1 when it is empty."""
         self._check_seq(seq_id)

@@ -1,0 +1,355 @@
+"""``PromptCache``: encode a schema's modules once, store them, answer prompts from them.
+
+    with PromptCache(model="smollm2") as pc:
+        pc.add_schema("schemas/demo.xml")
+        result = pc.ask(open("schemas/demo_prompt.xml").read())
+        print(result.text, result.ttft_ms)
+
+Sequence ids in the context: 0 the request, 1 and 2 for encoding (work and save), 3.. scratch sequences that
+hold restored module states while a request is assembled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pccpu.engine import ContextSettings
+from pccpu.errors import BusyError, ConfigError, UnknownSchemaError
+from pccpu.generation.sampling import SamplingSettings
+from pccpu.generation.stream import GenerationOutcome, GenerationSettings, generate
+from pccpu.pml import (
+    CachedPiece,
+    PromptPlan,
+    PromptText,
+    SchemaLayout,
+    UncachedPiece,
+    build_layout,
+    parse_prompt,
+    parse_schema,
+    resolve_prompt,
+)
+from pccpu.roles import Role, RoleTag
+from pccpu.service.assembler import AssemblyTimings, assemble
+from pccpu.service.encoder import EncodeStats, ProgressCallback, encode_pass
+from pccpu.service.passes import ContextMode, EncodePass, cached_modules, check_mode, plan_passes
+from pccpu.service.prompt_builder import Selection, build_prompt_xml
+from pccpu.service.result import ModuleUse, Result, Source
+from pccpu.service.runtime import Runtime
+from pccpu.store import EntryKey, ModuleStore, StoredModule, content_key
+
+logger = logging.getLogger(__name__)
+
+REQUEST_SEQ, WORK_SEQ, SAVE_SEQ, FIRST_SCRATCH_SEQ = 0, 1, 2, 3
+
+
+@dataclass
+class _Schema:
+    layout: SchemaLayout
+    passes: list[EncodePass]
+    keys: dict[str, EntryKey]  # module path -> key of its state
+    pass_of: dict[str, int]  # module path -> index into passes
+
+
+class PromptCache:
+    """Prompt Cache on one model: schemas in, answers out. One call at a time (a second thread gets BusyError)."""
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_threads: int | None = None,
+        flash_attn: bool = True,
+        type_k: str = "f16",
+        type_v: str = "f16",
+        n_seq_max: int = 16,
+        mode: str = "sequential",
+        roles: str = "auto",
+        store_dir: str | Path | None = None,
+        namespace: str = "default",
+        ram_budget: int | None = None,
+        disk_budget: int | None = None,
+        persist: bool = True,
+        n_gpu_layers: int = 0,
+    ) -> None:
+        self.mode: ContextMode = check_mode(mode)
+        if n_seq_max < FIRST_SCRATCH_SEQ + 1:
+            raise ConfigError(f"n_seq_max must be at least {FIRST_SCRATCH_SEQ + 1}, got {n_seq_max}")
+        threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+        settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max,
+                                   flash_attn=flash_attn, type_k=type_k, type_v=type_v, **threads)
+        self.store = ModuleStore(directory=store_dir, namespace=namespace, ram_budget=ram_budget,
+                                 disk_budget=disk_budget, persist=persist)
+        self.runtime = Runtime.open(model, settings, roles=roles, n_gpu_layers=n_gpu_layers)
+        self.settings = settings
+        self._model_fp = self.runtime.model.fingerprint
+        self._state_fp = settings.state_fingerprint()
+        self._filler = self._filler_token()
+        self._schemas: dict[str, _Schema] = {}
+        self._lock = threading.Lock()
+        self.encode_stats = EncodeStats()
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self.runtime.close()
+
+    def __enter__(self) -> PromptCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _exclusive(self) -> _Exclusive:
+        return _Exclusive(self._lock)
+
+    # -- schemas -----------------------------------------------------------------------------------------
+    @property
+    def schemas(self) -> dict[str, SchemaLayout]:
+        return {name: s.layout for name, s in self._schemas.items()}
+
+    def add_schema(self, schema: str | Path, *, encode: bool = True,
+                   progress: ProgressCallback | None = None) -> SchemaLayout:
+        """Parse and lay out a schema (a path or PML text); encode its modules unless stored already."""
+        with self._exclusive():
+            parsed = parse_schema(schema)
+            rt = self.runtime
+            layout = build_layout(parsed, rt.model, rt.roles, bos_tokens=rt.bos_tokens, n_ctx=self.settings.n_ctx)
+            passes = plan_passes(layout, self.mode, self._filler)
+            keys: dict[str, EntryKey] = {}
+            pass_of: dict[str, int] = {}
+            for index, encode_plan in enumerate(passes):
+                for module in encode_plan.saved:
+                    keys[module.path] = self._key(encode_plan.context_of(module), module.cells, module.start)
+                    pass_of[module.path] = index
+            if parsed.name in self._schemas:
+                logger.info("schema %r replaced", parsed.name)
+            self._schemas[parsed.name] = _Schema(layout, passes, keys, pass_of)
+            if encode:
+                self._encode_missing(self._schemas[parsed.name], cached_modules(layout), progress)
+            return layout
+
+    def encode(self, name: str, *, progress: ProgressCallback | None = None) -> int:
+        """Encode every module of schema ``name`` that is not stored; the number of passes run."""
+        with self._exclusive():
+            entry = self._schema(name)
+            return self._encode_missing(entry, cached_modules(entry.layout), progress)
+
+    def _schema(self, name: str) -> _Schema:
+        if name not in self._schemas:
+            known = ", ".join(sorted(self._schemas)) or "none"
+            raise UnknownSchemaError(f"schema {name!r} was not added (added: {known}); add it with add_schema()")
+        return self._schemas[name]
+
+    def _key(self, context: tuple[tuple[int, int], ...], cells: tuple[tuple[int, int], ...], start: int) -> EntryKey:
+        content = content_key(namespace=self.store.namespace, model_fingerprint=self._model_fp,
+                              state_fingerprint=self._state_fp, mode=self.mode, context=context, cells=cells,
+                              start=start)
+        return EntryKey(content, start)
+
+    def _expect(self) -> dict[str, Any]:
+        return {"model": self._model_fp, "state": self._state_fp}
+
+    def _encode_missing(self, entry: _Schema, paths: list[str], progress: ProgressCallback | None) -> int:
+        missing = [p for p in paths if self._find(entry, p) is None]
+        indices = sorted({entry.pass_of[p] for p in missing})
+        total = sum(len(entry.passes[i].cells) for i in indices)
+        done = 0
+        for i in indices:
+            self._run_pass(entry, entry.passes[i], progress, done, total)
+            done += len(entry.passes[i].cells)
+        if indices:
+            logger.info("encoded %d module(s) of %r in %d pass(es): %d tokens at %.0f tokens/s", len(missing),
+                        entry.layout.name, len(indices), total, self.encode_stats.tokens_per_second)
+        return len(indices)
+
+    def _run_pass(self, entry: _Schema, encode_plan: EncodePass, progress: ProgressCallback | None, done: int,
+                  total: int) -> None:
+        encoded = encode_pass(self.runtime.context, encode_plan, work_seq=WORK_SEQ, save_seq=SAVE_SEQ,
+                              stats=self.encode_stats, progress=progress, done_before=done, total=total)
+        for module in encoded:
+            key = entry.keys[module.cells.path]
+            meta = dict(self._expect(), schema=entry.layout.name, module=module.cells.path, mode=self.mode,
+                        n_cells=len(module.cells.cells), ranges=[list(r) for r in module.cells.ranges],
+                        model_file=self.runtime.model.path.name, created=time.time())
+            self.store.save(StoredModule(key, module.state, meta))
+
+    def _find(self, entry: _Schema, path: str) -> tuple[StoredModule, Source, int] | None:
+        """The stored state of a module: exact key first, else the same content at another start (shifted)."""
+        key = entry.keys[path]
+        hit = self.store.lookup(key, self._expect())
+        if hit is not None:
+            return hit.entry, hit.tier, 0
+        for start in sorted(self.store.starts_of(key.content)):
+            hit = self.store.lookup(EntryKey(key.content, start), self._expect())
+            if hit is not None:
+                return hit.entry, hit.tier, key.start - start
+        return None
+
+    # -- answering ---------------------------------------------------------------------------------------
+    def plan(self, prompt: str | Path, *, add_generation_prompt: bool | None = None) -> PromptPlan:
+        """Resolve a prompt (PML text or a path) against its schema, without running anything."""
+        parsed = parse_prompt(prompt)
+        entry = self._schema(parsed.schema)
+        rt = self.runtime
+        plan = resolve_prompt(entry.layout, parsed, rt.model, rt.roles, n_ctx=self.settings.n_ctx)
+        wants = _ends_user_turn(parsed.items) if add_generation_prompt is None else add_generation_prompt
+        if wants and rt.roles.generation_prompt:
+            tokens = tuple(rt.model.tokenize(rt.roles.generation_prompt))
+            plan = _append_uncached(plan, tokens, self.settings.n_ctx)
+        return plan
+
+    def ask(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> Result:
+        """Answer a prompt; ``cache=False`` answers it by full prefill of the same tokens (the baseline).
+
+        Options: max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed, add_generation_prompt.
+        """
+        outcome_box: list[Result] = []
+        for _ in self._answer(prompt, cache, outcome_box, **options):
+            pass
+        return outcome_box[0]
+
+    def stream(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated. Closing the iterator stops generation."""
+        return self._answer(prompt, cache, None, **options)
+
+    def ask_parts(self, schema: str, modules: Selection | None = None, question: str | None = None, *,
+                  role: str = "user", **options: Any) -> Result:
+        """Answer a prompt given as data (see ``build_prompt_xml``): the question can never inject markup."""
+        return self.ask(build_prompt_xml(schema, modules, question, role=role), **options)
+
+    def _answer(self, prompt: str | Path, cache: bool, box: list[Result] | None, *, max_tokens: int = 128,
+                stop: tuple[str, ...] | list[str] = (), add_generation_prompt: bool | None = None,
+                **sampling: Any) -> Iterator[str]:
+        generation = GenerationSettings(max_tokens=max_tokens, stop=tuple(stop), sampling=SamplingSettings(**sampling))
+        with self._exclusive():
+            started = time.perf_counter()
+            timings: dict[str, float] = {}
+            plan = self.plan(prompt, add_generation_prompt=add_generation_prompt)
+            timings["parse_ms"] = (time.perf_counter() - started) * 1000
+            ctx = self.runtime.context
+            if cache:
+                logits, next_position, uses, history = self._prefill_cached(plan, timings)
+            else:
+                logits, next_position, uses, history = self._prefill_baseline(plan, timings)
+            outcome = GenerationOutcome()
+            pieces = generate(ctx, self.runtime.model, logits, seq_id=REQUEST_SEQ, next_position=next_position,
+                              settings=generation, history=history, outcome=outcome)
+            ttft_ms: float | None = None
+            try:
+                for piece in pieces:
+                    if ttft_ms is None:
+                        ttft_ms = (time.perf_counter() - started) * 1000
+                    yield piece
+            finally:
+                pieces.close()
+                ctx.seq_rm(REQUEST_SEQ)
+            if ttft_ms is None:  # nothing streamed (end of generation first): the first sample still happened
+                ttft_ms = (time.perf_counter() - started) * 1000
+            timings["generate_ms"] = outcome.decode_ms
+            cached = plan.cached_tokens if cache else 0
+            if box is not None:
+                box.append(Result(
+                    text=outcome.text, ttft_ms=ttft_ms, cached_tokens=cached,
+                    uncached_tokens=plan.cached_tokens + plan.uncached_tokens - cached,
+                    prompt_tokens=plan.cached_tokens + plan.uncached_tokens,
+                    generated_tokens=len(outcome.tokens), finish_reason=outcome.finish_reason, modules=uses,
+                    timings=timings, cached=cache,
+                ))
+
+    def _prefill_cached(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse],
+                                                                                      list[int]]:
+        entry = self._schema(plan.schema)
+        started = time.perf_counter()
+        needed = list(dict.fromkeys(p.module for p in plan.pieces if isinstance(p, CachedPiece)))
+        found = {path: self._find(entry, path) for path in needed}
+        timings["lookup_ms"] = (time.perf_counter() - started) * 1000
+        missing = [p for p, f in found.items() if f is None]
+        encoded_now: set[str] = set()
+        if missing:
+            began = time.perf_counter()
+            self._encode_missing(entry, missing, None)
+            timings["encode_ms"] = (time.perf_counter() - began) * 1000
+            for path in missing:
+                found[path] = self._find(entry, path)
+                if found[path] is None:  # the RAM budget could not keep it and no disk tier
+                    raise ConfigError(f"module {path!r} could not be kept in the store: raise ram_budget")
+                encoded_now.add(path)
+        states = {p: (f[0], f[2]) for p, f in found.items() if f is not None}
+        assembly = AssemblyTimings()
+        scratch = list(range(FIRST_SCRATCH_SEQ, self.settings.n_seq_max))
+        logits, next_position = assemble(self.runtime.context, plan, states, request_seq=REQUEST_SEQ,
+                                         scratch_seqs=scratch, timings=assembly)
+        timings.update(restore_ms=assembly.restore_ms, copy_ms=assembly.copy_ms, decode_ms=assembly.decode_ms)
+        uses = []
+        for path in needed:
+            stored, tier, shift = found[path]  # type: ignore[misc]
+            tokens = sum(p.length for p in plan.pieces if isinstance(p, CachedPiece) and p.module == path)
+            source: Source = "encoded" if path in encoded_now else tier
+            uses.append(ModuleUse(path, source, tokens, stored.nbytes, shifted=shift != 0))
+        for piece in plan.pieces:
+            if isinstance(piece, UncachedPiece) and piece.kind == "uncached_module" and piece.module:
+                uses.append(ModuleUse(piece.module, "uncached", piece.length))
+        return logits, next_position, uses, list(plan.baseline_tokens())
+
+    def _prefill_baseline(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse],
+                                                                                        list[int]]:
+        tokens = list(plan.baseline_tokens())
+        ctx = self.runtime.context
+        ctx.seq_rm(REQUEST_SEQ)
+        started = time.perf_counter()
+        logits = ctx.decode(tokens, seq_id=REQUEST_SEQ, start=0)
+        timings["decode_ms"] = (time.perf_counter() - started) * 1000
+        return logits, len(tokens), [], tokens
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _filler_token(self) -> int:
+        tokens = self.runtime.model.tokenize(" ")
+        return tokens[0] if tokens else 0
+
+
+class _Exclusive:
+    """One call at a time: a second thread gets a clear error instead of corrupting the shared context."""
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            raise BusyError("this PromptCache is answering another call; use one PromptCache per thread or "
+                            "serialize calls (for example with a queue)")
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def _ends_user_turn(items: tuple[Any, ...]) -> bool:
+    """True when the prompt's text closes a user turn last (then the assistant's turn is opened for it)."""
+    last: RoleTag | None = None
+    for item in items:
+        if isinstance(item, PromptText):
+            for piece in item.pieces:
+                if isinstance(piece, RoleTag):
+                    last = piece
+    return last is not None and last.role is Role.USER and last.kind in ("close", "empty")
+
+
+def _append_uncached(plan: PromptPlan, tokens: tuple[int, ...], n_ctx: int) -> PromptPlan:
+    from pccpu.errors import LayoutOverflowError
+
+    if not tokens:
+        return plan
+    end = plan.next_position + len(tokens)
+    if end > n_ctx:
+        raise LayoutOverflowError(f"the prompt needs {end} positions with the assistant's turn opened, more than "
+                                  f"n_ctx={n_ctx}")
+    piece = UncachedPiece(tokens, plan.next_position, "trailing", None)
+    return dataclasses.replace(plan, pieces=(*plan.pieces, piece), uncached_tokens=plan.uncached_tokens + len(tokens),
+                               next_position=end)

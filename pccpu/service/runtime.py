@@ -1,0 +1,82 @@
+"""A model ready to serve PML: the loaded GGUF, one context, its tokenizer and its chat roles.
+
+This is the glue between the engine and the text side (PML layout needs a tokenizer and a role renderer).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pccpu.engine import ContextSettings, LlamaContext, LlamaModel
+from pccpu.errors import ConfigError
+from pccpu.templates import ChatRoles
+
+logger = logging.getLogger(__name__)
+
+# How PML role tags are rendered: "template" (the model's own chat template; error if it cannot be split),
+# "auto" (the template when the model has one, else no role text at all), "chatml", or "plain" (no role text).
+ROLE_MODES = ("auto", "template", "chatml", "plain")
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """A registry name, a .gguf path, or None for $PCCPU_MODEL / the default; fetches registry models if missing."""
+    from pccpu.models import resolve_model
+
+    return resolve_model(None if model is None else str(model))
+
+
+def chat_roles_for(model: LlamaModel, mode: str = "auto") -> ChatRoles:
+    if mode not in ROLE_MODES:
+        raise ConfigError(f"roles must be one of {', '.join(ROLE_MODES)}, got {mode!r}")
+    if mode == "plain":
+        return ChatRoles.plain()
+    if mode == "chatml":
+        return ChatRoles.chatml()
+    template = model.chat_template
+    if template is None:
+        if mode == "template":
+            raise ConfigError(f"{model.path.name} has no chat template; use roles='plain' or roles='chatml'")
+        logger.warning("%s has no chat template: role tags render as nothing (roles='plain')", model.path.name)
+        return ChatRoles.plain()
+    bos = model.token_to_piece(model.bos_token, special=True).decode("utf-8", "replace") if model.bos_token >= 0 else ""
+    eos = model.token_to_piece(model.eos_token, special=True).decode("utf-8", "replace") if model.eos_token >= 0 else ""
+    return ChatRoles.from_template(template, bos_token=bos, eos_token=eos, name=model.path.name)
+
+
+@dataclass
+class Runtime:
+    """One model, one context and the text tools that go with them."""
+
+    model: LlamaModel
+    context: LlamaContext
+    roles: ChatRoles
+    bos_tokens: tuple[int, ...] = field(default=())
+
+    @classmethod
+    def open(
+        cls,
+        model: str | Path | None = None,
+        settings: ContextSettings | None = None,
+        *,
+        roles: str = "auto",
+        n_gpu_layers: int = 0,
+    ) -> Runtime:
+        path = resolve_model_path(model)
+        llama_model = LlamaModel(path, n_gpu_layers=n_gpu_layers)
+        try:
+            chat_roles = chat_roles_for(llama_model, roles)
+            context = LlamaContext(llama_model, settings or ContextSettings())
+        except BaseException:
+            llama_model.close()
+            raise
+        bos = (llama_model.bos_token,) if llama_model.add_bos and llama_model.bos_token >= 0 else ()
+        return cls(model=llama_model, context=context, roles=chat_roles, bos_tokens=bos)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text)
+
+    def close(self) -> None:
+        self.context.close()
+        self.model.close()

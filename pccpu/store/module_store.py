@@ -1,0 +1,138 @@
+"""The module store: a RAM tier in front of a persistent disk tier, both keyed exactly (see ``keys.py``)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from pccpu.errors import ConfigError, StoreError
+from pccpu.paths import store_dir
+from pccpu.store.disk import DiskTier
+from pccpu.store.keys import NAMESPACE_PATTERN, EntryKey
+from pccpu.store.ram import RamTier, StoredModule
+
+logger = logging.getLogger(__name__)
+
+Tier = Literal["ram", "disk"]
+
+
+def default_ram_budget() -> int:
+    """A quarter of the memory available now."""
+    return int(psutil.virtual_memory().available * 0.25)
+
+
+def default_disk_budget(directory: Path) -> int:
+    """Half of the free disk space where the store lives, at most 20 GiB."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = 0
+    return int(min(20 * 2**30, free * 0.5))
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: StoredModule
+    tier: Tier
+
+
+class ModuleStore:
+    """Module states in RAM (LRU under a byte budget, with pinning) and on disk (LRU under its own budget).
+
+    ``namespace`` scopes everything: keys, files and listings. ``persist=False`` keeps the disk tier out.
+    """
+
+    def __init__(
+        self,
+        *,
+        directory: Path | str | None = None,
+        namespace: str = "default",
+        ram_budget: int | None = None,
+        disk_budget: int | None = None,
+        persist: bool = True,
+    ) -> None:
+        if not NAMESPACE_PATTERN.match(namespace):
+            raise ConfigError(f"namespace {namespace!r} must match {NAMESPACE_PATTERN.pattern}")
+        for name, value in (("ram_budget", ram_budget), ("disk_budget", disk_budget)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0 bytes, got {value}")
+        self.namespace = namespace
+        self.root = Path(directory).expanduser() if directory is not None else store_dir()
+        self.ram = RamTier(default_ram_budget() if ram_budget is None else ram_budget)
+        folder = self.root / namespace
+        self.disk: DiskTier | None = (
+            DiskTier(folder, default_disk_budget(folder) if disk_budget is None else disk_budget) if persist else None
+        )
+        self.disk_errors = 0
+
+    def lookup(self, key: EntryKey, expect: dict[str, Any]) -> Hit | None:
+        entry = self.ram.get(key)
+        if entry is not None:
+            return Hit(entry, "ram")
+        if self.disk is None:
+            return None
+        found = self.disk.read(key, expect)
+        if found is None:
+            return None
+        fields, state = found
+        entry = StoredModule(key, state, fields)
+        self.ram.put(entry)
+        return Hit(entry, "disk")
+
+    def starts_of(self, content: str) -> set[int]:
+        starts = self.ram.starts_of(content)
+        if self.disk is not None:
+            starts |= self.disk.starts_of(content)
+        return starts
+
+    def save(self, entry: StoredModule) -> None:
+        """Keep in RAM and write to disk. A disk that cannot be written is reported and skipped: the answer
+        does not depend on persisting."""
+        self.ram.put(entry)
+        if self.disk is None or not self.disk.writable:
+            return
+        try:
+            self.disk.write(entry.key, entry.meta, entry.state)
+        except StoreError as exc:
+            self.disk_errors += 1
+            self.disk.writable = False
+            logger.warning("%s; modules will stay in RAM only for this session (check the folder's space and "
+                           "permissions, or set PCCPU_HOME)", exc)
+
+    def pin(self, key: EntryKey) -> None:
+        self.ram.pin(key)
+
+    def unpin(self, key: EntryKey) -> None:
+        self.ram.unpin(key)
+
+    def clear(self, *, ram: bool = True, disk: bool = True) -> int:
+        removed = 0
+        if ram:
+            removed += len(self.ram)
+            self.ram.clear()
+        if disk and self.disk is not None:
+            removed += self.disk.clear()
+        return removed
+
+    def stats(self) -> dict[str, Any]:
+        disk_infos = self.disk.infos() if self.disk is not None else []
+        return {
+            "namespace": self.namespace,
+            "ram": {"entries": len(self.ram), "bytes": self.ram.used_bytes, "budget_bytes": self.ram.budget_bytes,
+                    "evictions": self.ram.evictions},
+            "disk": {
+                "path": str(self.disk.directory) if self.disk else None,
+                "entries": len(disk_infos),
+                "bytes": sum(i.size for i in disk_infos),
+                "budget_bytes": self.disk.budget_bytes if self.disk else 0,
+                "write_errors": self.disk_errors,
+            },
+        }
