@@ -216,9 +216,11 @@ class PromptCache:
             pass
         return outcome_box[0]
 
-    def stream(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> Iterator[str]:
-        """Yield the answer's text pieces as they are generated. Closing the iterator stops generation."""
-        return self._answer(prompt, cache, None, **options)
+    def stream(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> AnswerStream:
+        """Iterate over the answer's text pieces as they are generated; ``.result`` holds the Result once the
+        stream has ended. Closing it (or leaving a ``with`` block) stops generation early."""
+        box: list[Result] = []
+        return AnswerStream(self._answer(prompt, cache, box, **options), box)
 
     def ask_parts(self, schema: str, modules: Selection | None = None, question: str | None = None, *,
                   role: str = "user", **options: Any) -> Result:
@@ -313,6 +315,33 @@ class PromptCache:
     def _filler_token(self) -> int:
         tokens = self.runtime.model.tokenize(" ")
         return tokens[0] if tokens else 0
+
+
+class AnswerStream:
+    """Text pieces of one answer; ``result`` is set when the stream ends (None while it runs or if closed early)."""
+
+    def __init__(self, pieces: Iterator[str], box: list[Result]) -> None:
+        self._pieces = pieces
+        self._box = box
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> AnswerStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def result(self) -> Result | None:
+        return self._box[0] if self._box else None
 
 
 class _Exclusive:
