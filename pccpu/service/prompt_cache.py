@@ -157,8 +157,10 @@ class PromptCache:
     def _expect(self) -> dict[str, Any]:
         return {"model": self._model_fp, "state": self._state_fp}
 
-    def _encode_missing(self, entry: _Schema, paths: list[str], progress: ProgressCallback | None) -> int:
-        missing = [p for p in paths if self._find(entry, p) is None]
+    def _encode_missing(self, entry: _Schema, paths: list[str], progress: ProgressCallback | None, *,
+                        force: bool = False) -> int:
+        """Run the passes that encode ``paths`` (those not stored, unless ``force``); the number of passes."""
+        missing = list(paths) if force else [p for p in paths if not self._stored(entry, p)]
         indices = sorted({entry.pass_of[p] for p in missing})
         total = sum(len(entry.passes[i].cells) for i in indices)
         done = 0
@@ -180,6 +182,11 @@ class PromptCache:
                         n_cells=len(module.cells.cells), ranges=[list(r) for r in module.cells.ranges],
                         model_file=self.runtime.model.path.name, created=time.time())
             self.store.save(StoredModule(key, module.state, meta))
+
+    def _stored(self, entry: _Schema, path: str) -> bool:
+        """Whether the module's state is stored, at its start or another (a cheap check: nothing is read)."""
+        key = entry.keys[path]
+        return self.store.contains(key) or bool(self.store.starts_of(key.content))
 
     def _find(self, entry: _Schema, path: str) -> tuple[StoredModule, Source, int] | None:
         """The stored state of a module: exact key first, else the same content at another start (shifted)."""
@@ -277,7 +284,7 @@ class PromptCache:
         encoded_now: set[str] = set()
         if missing:
             began = time.perf_counter()
-            self._encode_missing(entry, missing, None)
+            self._encode_missing(entry, missing, None, force=True)  # absent, or present but unreadable
             timings["encode_ms"] = (time.perf_counter() - began) * 1000
             for path in missing:
                 found[path] = self._find(entry, path)

@@ -87,6 +87,10 @@ class ModuleStore:
         self.ram.put(entry)
         return Hit(entry, "disk")
 
+    def contains(self, key: EntryKey) -> bool:
+        """Whether a state is stored under ``key`` (without reading or checking it)."""
+        return key in self.ram or (self.disk is not None and self.disk.path_for(key).is_file())
+
     def starts_of(self, content: str) -> set[int]:
         starts = self.ram.starts_of(content)
         if self.disk is not None:
