@@ -229,6 +229,18 @@ class PromptCache:
         box: list[Result] = []
         return AnswerStream(self._answer(prompt, cache, box, **options), box)
 
+    def first_token_logits(self, prompt: str | Path, *, cache: bool = True,
+                           add_generation_prompt: bool | None = None) -> Any:
+        """The next-token logits after the prompt (a float32 array over the vocabulary): for fidelity checks."""
+        with self._exclusive():
+            plan = self.plan(prompt, add_generation_prompt=add_generation_prompt)
+            timings: dict[str, float] = {}
+            try:
+                prefill = self._prefill_cached if cache else self._prefill_baseline
+                return prefill(plan, timings)[0]
+            finally:
+                self.runtime.context.seq_rm(REQUEST_SEQ)
+
     def ask_parts(self, schema: str, modules: Selection | None = None, question: str | None = None, *,
                   role: str = "user", **options: Any) -> Result:
         """Answer a prompt given as data (see ``build_prompt_xml``): the question can never inject markup."""
