@@ -153,6 +153,21 @@ class PromptCache:
             entry = self._schema(name)
             return self._encode_missing(entry, cached_modules(entry.layout), progress)
 
+    def pin(self, schema: str, module: str | None = None) -> int:
+        """Keep a schema's module states (or one module's) in RAM whatever the budget pressure; the number
+        pinned. Pinned states are never evicted from the RAM tier."""
+        with self._exclusive():
+            entry = self._schema(schema)
+            paths = [module] if module is not None else list(entry.keys)
+            for path in paths:
+                if path not in entry.keys:
+                    from pccpu.errors import UnknownModuleError
+
+                    raise UnknownModuleError(f"schema {schema!r} stores no module {path!r}; stored: "
+                                             f"{', '.join(sorted(entry.keys))}")
+                self.store.pin(entry.keys[path])
+            return len(paths)
+
     def _schema(self, name: str) -> _Schema:
         if name not in self._schemas:
             known = ", ".join(sorted(self._schemas)) or "none"
@@ -171,13 +186,17 @@ class PromptCache:
     def _encode_missing(self, entry: _Schema, paths: list[str], progress: ProgressCallback | None, *,
                         force: bool = False) -> int:
         """Run the passes that encode ``paths`` (those not stored, unless ``force``); the number of passes."""
-        missing = list(paths) if force else [p for p in paths if not self._stored(entry, p)]
-        indices = sorted({entry.pass_of[p] for p in missing})
-        total = sum(len(entry.passes[i].cells) for i in indices)
-        done = 0
-        for i in indices:
-            self._run_pass(entry, entry.passes[i], progress, done, total)
-            done += len(entry.passes[i].cells)
+        if not force and all(self._stored(entry, p) for p in paths):
+            return 0
+        with self.store.exclusive():
+            # another process may have encoded them while this one waited for the lock
+            missing = list(paths) if force else [p for p in paths if not self._stored(entry, p)]
+            indices = sorted({entry.pass_of[p] for p in missing})
+            total = sum(len(entry.passes[i].cells) for i in indices)
+            done = 0
+            for i in indices:
+                self._run_pass(entry, entry.passes[i], progress, done, total)
+                done += len(entry.passes[i].cells)
         if indices:
             logger.info("encoded %d module(s) of %r in %d pass(es): %d tokens at %.0f tokens/s", len(missing),
                         entry.layout.name, len(indices), total, self.encode_stats.tokens_per_second)

@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,29 @@ class DiskTier:
             os.chmod(self.directory, 0o700)
         except OSError as exc:
             raise StoreError(f"cannot create the module store folder {self.directory}: {exc}") from exc
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """An inter-process lock on this folder (flock), held while encoding: two processes encoding the same
+        schema take turns, and the second finds the states the first wrote instead of writing them again."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: atomic renames still keep every file whole
+            yield
+            return
+        try:
+            self._ensure_dir()
+            fd = os.open(self.directory / ".encode.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except (OSError, StoreError) as exc:  # a read-only store: encode anyway, the answer matters more
+            logger.warning("cannot lock the module store (%s); encoding without the lock", exc)
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def path_for(self, key: EntryKey) -> Path:
         return self.directory / f"{key.file_stem}{FILE_SUFFIX}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -110,6 +111,10 @@ class ModuleStore:
             self.disk.writable = False
             logger.warning("%s; modules will stay in RAM only for this session (check the folder's space and "
                            "permissions, or set PCCPU_HOME)", exc)
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Held while encoding; see DiskTier.exclusive (a no-op without a disk tier)."""
+        return self.disk.exclusive() if self.disk is not None else contextlib.nullcontext()
 
     def pin(self, key: EntryKey) -> None:
         self.ram.pin(key)
