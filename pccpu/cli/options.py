@@ -26,7 +26,7 @@ def cache_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--roles", type=click.Choice(ROLE_MODES), default="auto", show_default=True,
                      help="How <system>/<user>/<assistant> render: the model's chat template or a fallback."),
         click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True,
-                     help="KV cache element type (K and V)."),
+                     help="KV cache element type (K and V); q8_0 halves module memory and turns flash attention on."),
         click.option("--namespace", default="default", show_default=True, help="Store namespace (tenant)."),
         click.option("--no-persist", is_flag=True, help="Keep module states in RAM only (no disk tier)."),
     ]
@@ -38,4 +38,4 @@ def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: 
     from pccpu.service import PromptCache
 
     return PromptCache(model, n_ctx=n_ctx, n_threads=threads, mode=mode, roles=roles, type_k=kv_type,
-                       type_v=kv_type, namespace=namespace, persist=not no_persist)
+                       type_v=kv_type, flash_attn=kv_type != "f16", namespace=namespace, persist=not no_persist)

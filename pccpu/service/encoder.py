@@ -63,7 +63,7 @@ def encode_pass(
     total: int = 0,
 ) -> list[EncodedModule]:
     started = time.perf_counter()
-    first_saved = min(m.start for m in encode_pass.saved)
+    first_saved = encode_pass.first_saved
     before = [c for c in encode_pass.cells if c[0] < first_saved]
     after = [c for c in encode_pass.cells if c[0] >= first_saved]
     context.seq_rm(work_seq)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pccpu.errors import ConfigError
-from pccpu.pml import NestedModule, ParameterSlot, SchemaLayout, TextChunk, UnionLayout
+from pccpu.pml import NestedModule, SchemaLayout, TextChunk, UnionLayout
 
 ContextMode = Literal["isolated", "sequential"]
 CONTEXT_MODES: tuple[str, ...] = ("isolated", "sequential")
@@ -52,10 +52,19 @@ class EncodePass:
     cells: tuple[Cell, ...]  # sorted by position, unique positions
     saved: tuple[ModuleCells, ...]
 
+    @property
+    def first_saved(self) -> int:
+        return min(m.start for m in self.saved)
+
     def context_of(self, module: ModuleCells) -> tuple[Cell, ...]:
-        """Cells the module's state was computed from, besides its own: everything before its last cell."""
+        """Cells the module's state was computed from, besides its own, at the positions they are decoded at:
+        cells before the pass's first saved cell are packed right before it (see ``encoder.py``)."""
         own = {p for p, _ in module.cells}
-        return tuple(c for c in self.cells if c[0] < module.end and c[0] not in own)
+        first = self.first_saved
+        before = [c for c in self.cells if c[0] < first]
+        packed = [(first - len(before) + i, token) for i, (_, token) in enumerate(before)]
+        between = [c for c in self.cells if first <= c[0] < module.end and c[0] not in own]
+        return (*packed, *between)
 
 
 def check_mode(mode: str) -> ContextMode:
@@ -158,6 +167,3 @@ def _sequential_pass(layout: SchemaLayout, forced: dict[str, str], paths: list[s
     cells = sorted(c for p in _included(layout, forced) for c in own_cells(layout, p, filler) if c[0] < end)
     return EncodePass(tuple(cells), tuple(saved))
 
-
-def describe_slots(layout: SchemaLayout, path: str) -> list[ParameterSlot]:
-    return [i for i in layout.modules[path].items if isinstance(i, ParameterSlot)]

@@ -67,7 +67,7 @@ class PromptCache:
         n_ctx: int = 4096,
         n_batch: int = 512,
         n_threads: int | None = None,
-        flash_attn: bool = True,
+        flash_attn: bool = False,
         type_k: str = "f16",
         type_v: str = "f16",
         n_seq_max: int = 16,

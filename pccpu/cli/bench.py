@@ -1,0 +1,65 @@
+"""``pccpu bench``: time to first token of pccpu against full prefill and llama-cpp-python's own prompt cache."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from pccpu.engine.threads import available_cores
+
+
+def _list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="CI smoke run: default model, 512 and 1K tokens, 1 warm-up, 2 runs.")
+@click.option("--models", help="Comma-separated registry names or .gguf paths (default: all three bench models).")
+@click.option("--sizes", help="Comma-separated cached context sizes in tokens (default 512,1024,2048,4096,8192).")
+@click.option("--workloads", help="Comma-separated: prefix, modular, parameterized (default: all).")
+@click.option("--systems", help="Comma-separated: full, llama-ram, llama-disk, pccpu-ram, pccpu-disk (default: all).")
+@click.option("--runs", type=int, help="Measured runs per system (default 5; --quick 2).")
+@click.option("--warmup", type=int, help="Warm-up runs per system (default 1).")
+@click.option("--threads", type=int, help="Threads for every system (default: the physical cores available).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
+              show_default=True, help="Results folder.")
+@click.option("--resume", is_flag=True, help="Keep results.jsonl and measure only the rows it lacks.")
+def bench(quick: bool, models: str | None, sizes: str | None, workloads: str | None, systems: str | None,
+          runs: int | None, warmup: int | None, threads: int | None, out: Path, resume: bool) -> None:
+    """Measure TTFT on the prefix, modular and parameterized workloads; write results.jsonl, results.json,
+    results.md and charts to --out."""
+    from pccpu.bench.report import write_reports
+    from pccpu.bench.runner import DEFAULT_MODELS, DEFAULT_SIZES, QUICK_SIZES, BenchConfig, run_bench
+    from pccpu.bench.systems import SYSTEMS
+    from pccpu.bench.workloads import WORKLOADS
+    from pccpu.models import load_registry
+
+    logger = logging.getLogger("pccpu.bench")
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        size_list = [int(s) for s in _list(sizes) or []] or list(QUICK_SIZES if quick else DEFAULT_SIZES)
+    except ValueError as exc:
+        raise click.BadParameter(f"sizes must be integers: {exc}", param_hint="--sizes") from exc
+    try:
+        config = BenchConfig(
+            models=_list(models) or ([load_registry().default] if quick else list(DEFAULT_MODELS)),
+            sizes=size_list,
+            workloads=_list(workloads) or list(WORKLOADS),
+            systems=_list(systems) or list(SYSTEMS),
+            runs=runs if runs is not None else (2 if quick else 5),
+            warmup=warmup if warmup is not None else 1,
+            threads=threads or available_cores(),
+            out=out,
+            resume=resume,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    started = time.perf_counter()
+    run_bench(config, progress=lambda line: click.echo(line, err=True))
+    summary = write_reports(out)
+    click.echo((out / "results.md").read_text())
+    click.echo(f"results in {out} ({len(summary['rows'])} rows, {time.perf_counter() - started:.0f} s)", err=True)
