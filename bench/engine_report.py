@@ -22,7 +22,8 @@ from pccpu.models import resolve_model
 def measure(model_name: str, n_tokens: int, threads: int, runs: int) -> dict[str, object]:
     path = resolve_model(model_name)
     model = LlamaModel(path)
-    settings = ContextSettings(n_ctx=n_tokens + 64, n_seq_max=2, n_threads=threads, n_threads_batch=threads)
+    settings = ContextSettings(n_ctx=2 * n_tokens + 64,  # room for the restored copy too
+                                n_seq_max=2, n_threads=threads, n_threads_batch=threads)
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in rng.integers(100, model.info.n_vocab - 100, size=n_tokens)]
     with LlamaContext(model, settings) as ctx:

@@ -33,11 +33,13 @@ def main(verbose: bool) -> None:
 
 def _register() -> None:
     from pccpu.cli import ask as ask_cli
+    from pccpu.cli import bench as bench_cli
     from pccpu.cli import cache as cache_cli
     from pccpu.cli import demo as demo_cli
     from pccpu.cli import models as models_cli
     from pccpu.cli import schema as schema_cli
 
+    main.add_command(bench_cli.bench)
     main.add_command(models_cli.models)
     main.add_command(schema_cli.schema)
     main.add_command(ask_cli.encode)
