@@ -23,12 +23,9 @@ from pccpu.engine.context import KV_TYPES
 from pccpu.errors import DuplicateNameError, PmlStructureError, SourceFileError, UnknownSchemaError
 from pccpu.pml import (
     ModuleLayout,
-    NestedModule,
-    ParameterSlot,
     Prompt,
     Schema,
     SchemaLayout,
-    TextChunk,
     build_layout,
     parse_prompt,
     parse_schema,
@@ -262,12 +259,18 @@ def _json(layout: SchemaLayout, per_token: float, model_name: str, settings: Con
 
 
 def _tree(layout: SchemaLayout, per_token: float, model_name: str, settings: ContextSettings) -> str:
-    lines = [f"schema {layout.name}  [0, {layout.span})  {layout.span} positions",
-             f"  model {model_name}, KV {settings.type_k}/{settings.type_v}: {human_bytes(per_token)} per token"]
+    def kv_note(mod: ModuleLayout) -> str:
+        if not mod.cache:
+            return "cache=false (computed per prompt, not stored)"
+        return f"KV {human_bytes(_kv(mod, per_token))}"
+
+    header, *body = layout.render_tree(kv_note).split("\n")
+    kv_types = f"{settings.type_k}/{settings.type_v}"
+    lines = [header, f"  model {model_name}, KV {kv_types}: {human_bytes(per_token)} per token"]
     root = layout.root
     if root.own_tokens:
         lines.append(f"  (root text)  own {root.own_tokens} tokens  KV {human_bytes(_kv(root, per_token))}")
-    _render(layout, root, 1, per_token, lines)
+    lines += body
     n_cached, tokens, total = _cached_total(layout, per_token)
     span_bytes = layout.span * per_token
     ctx_bytes = settings.n_ctx * per_token
@@ -278,28 +281,3 @@ def _tree(layout: SchemaLayout, per_token: float, model_name: str, settings: Con
                  f"{human_bytes(span_bytes)} of a single prompt's context over the whole schema span "
                  f"({layout.span} positions; a full n_ctx={settings.n_ctx} context is {human_bytes(ctx_bytes)})")
     return "\n".join(lines)
-
-
-def _render(layout: SchemaLayout, mod: ModuleLayout, depth: int, per_token: float, lines: list[str]) -> None:
-    pad = "  " * depth
-    for part in mod.body:
-        if isinstance(part, TextChunk):
-            preview = part.text.replace("\n", " ")
-            preview = preview[:48] + "..." if len(preview) > 48 else preview
-            lines.append(f"{pad}text [{part.start}, {part.end})  {part.length} tokens  {preview!r}")
-        elif isinstance(part, ParameterSlot):
-            scaffold = f"  scaffold {len(part.scaffold_tokens)} tokens" if part.scaffold_tokens else ""
-            lines.append(f"{pad}parameter {part.name} [{part.start}, {part.end})  length {part.length}{scaffold}")
-        elif isinstance(part, NestedModule):
-            _render_module(layout, layout.modules[part.path], depth, per_token, lines)
-        else:
-            scaffold = f"  scaffold={part.scaffold.rsplit('/', 1)[-1]}" if part.scaffold else ""
-            lines.append(f"{pad}union [{part.start}, {part.end})  {_plural(len(part.members), 'member')}{scaffold}")
-            for member in part.members:
-                _render_module(layout, layout.modules[member], depth + 1, per_token, lines)
-
-
-def _render_module(layout: SchemaLayout, mod: ModuleLayout, depth: int, per_token: float, lines: list[str]) -> None:
-    kv = f"KV {human_bytes(_kv(mod, per_token))}" if mod.cache else "cache=false (computed per prompt, not stored)"
-    lines.append(f"{'  ' * depth}module {mod.name} [{mod.start}, {mod.end})  own {mod.own_tokens} tokens  {kv}")
-    _render(layout, mod, depth + 1, per_token, lines)

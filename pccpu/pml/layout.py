@@ -10,7 +10,7 @@ every member of a union starts at the union's start and the union ends where its
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -161,13 +161,18 @@ class SchemaLayout:
             ],
         }
 
-    def render_tree(self) -> str:
-        """A readable tree of modules, unions and parameters with their position ranges."""
+    def render_tree(self, module_note: Callable[[ModuleLayout], str] | None = None) -> str:
+        """A readable tree of modules, unions and parameters with their position ranges.
+
+        ``module_note`` adds text to each module line (``pccpu schema show`` adds KV memory); by default a
+        ``cache=false`` module is marked as such.
+        """
+        note = module_note or (lambda mod: "" if mod.cache else "cache=false")
         lines = [f"schema {self.name}  [0, {self.span})  {self.span} positions"]
-        self._render(self.root, 1, lines)
+        self._render(self.root, 1, lines, note)
         return "\n".join(lines)
 
-    def _render(self, mod: ModuleLayout, depth: int, lines: list[str]) -> None:
+    def _render(self, mod: ModuleLayout, depth: int, lines: list[str], note: Callable[[ModuleLayout], str]) -> None:
         pad = "  " * depth
         for part in mod.body:
             if isinstance(part, TextChunk):
@@ -175,19 +180,23 @@ class SchemaLayout:
                 preview = preview[:48] + "..." if len(preview) > 48 else preview
                 lines.append(f"{pad}text [{part.start}, {part.end})  {part.length} tokens  {preview!r}")
             elif isinstance(part, ParameterSlot):
-                lines.append(f"{pad}parameter {part.name} [{part.start}, {part.end})  length {part.length}")
+                scaffold = f"  scaffold {len(part.scaffold_tokens)} tokens" if part.scaffold_tokens else ""
+                lines.append(f"{pad}parameter {part.name} [{part.start}, {part.end})  length {part.length}{scaffold}")
             elif isinstance(part, NestedModule):
-                self._render_module(self.modules[part.path], depth, lines)
+                self._render_module(self.modules[part.path], depth, lines, note)
             else:
                 scaffold = f"  scaffold={part.scaffold.rsplit('/', 1)[-1]}" if part.scaffold else ""
-                lines.append(f"{pad}union [{part.start}, {part.end}){scaffold}")
+                members = f"{len(part.members)} member" + ("" if len(part.members) == 1 else "s")
+                lines.append(f"{pad}union [{part.start}, {part.end})  {members}{scaffold}")
                 for member in part.members:
-                    self._render_module(self.modules[member], depth + 1, lines)
+                    self._render_module(self.modules[member], depth + 1, lines, note)
 
-    def _render_module(self, mod: ModuleLayout, depth: int, lines: list[str]) -> None:
-        flags = "" if mod.cache else "  cache=false"
-        lines.append(f"{'  ' * depth}module {mod.name} [{mod.start}, {mod.end})  own {mod.own_tokens} tokens{flags}")
-        self._render(mod, depth + 1, lines)
+    def _render_module(self, mod: ModuleLayout, depth: int, lines: list[str],
+                       note: Callable[[ModuleLayout], str]) -> None:
+        extra = note(mod)
+        lines.append(f"{'  ' * depth}module {mod.name} [{mod.start}, {mod.end})  own {mod.own_tokens} tokens"
+                     + (f"  {extra}" if extra else ""))
+        self._render(mod, depth + 1, lines, note)
 
 
 def build_layout(
