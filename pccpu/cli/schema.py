@@ -105,8 +105,9 @@ def _settings(n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> ContextSe
     from pccpu.engine import ContextSettings
 
     batch = min(512, n_ctx)
+    # a quantized V cache exists only with flash attention in llama.cpp
     return ContextSettings(n_ctx=n_ctx, n_batch=batch, n_ubatch=batch, n_seq_max=1, n_threads=1, n_threads_batch=1,
-                           type_k=type_k, type_v=type_v)
+                           type_k=type_k, type_v=type_v, flash_attn=type_v not in ("f16", "f32", "bf16"))
 
 
 @contextmanager
