@@ -287,9 +287,11 @@ class PromptCache:
             timings["parse_ms"] = (time.perf_counter() - started) * 1000
             ctx = self.runtime.context
             if cache:
-                logits, next_position, uses, history = self._prefill_cached(plan, timings)
+                logits, next_position, uses = self._prefill_cached(plan, timings)
             else:
-                logits, next_position, uses, history = self._prefill_baseline(plan, timings)
+                logits, next_position, uses = self._prefill_baseline(plan, timings)
+            # the prompt's tokens matter to the repeat penalty only; building them costs ~1 ms at 8K tokens
+            history = list(plan.baseline_tokens()) if generation.sampling.repeat_penalty != 1.0 else []
             outcome = GenerationOutcome()
             pieces = generate(ctx, self.runtime.model, logits, seq_id=REQUEST_SEQ, next_position=next_position,
                               settings=generation, history=history, outcome=outcome)
@@ -315,8 +317,7 @@ class PromptCache:
                     timings=timings, cached=cache,
                 ))
 
-    def _prefill_cached(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse],
-                                                                                      list[int]]:
+    def _prefill_cached(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse]]:
         entry = self._schema(plan.schema)
         started = time.perf_counter()
         needed = list(dict.fromkeys(p.module for p in plan.pieces if isinstance(p, CachedPiece)))
@@ -348,17 +349,16 @@ class PromptCache:
         for piece in plan.pieces:
             if isinstance(piece, UncachedPiece) and piece.kind == "uncached_module" and piece.module:
                 uses.append(ModuleUse(piece.module, "uncached", piece.length))
-        return logits, next_position, uses, list(plan.baseline_tokens())
+        return logits, next_position, uses
 
-    def _prefill_baseline(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse],
-                                                                                        list[int]]:
+    def _prefill_baseline(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse]]:
         tokens = list(plan.baseline_tokens())
         ctx = self.runtime.context
         ctx.seq_rm(REQUEST_SEQ)
         started = time.perf_counter()
         logits = ctx.decode(tokens, seq_id=REQUEST_SEQ, start=0)
         timings["decode_ms"] = (time.perf_counter() - started) * 1000
-        return logits, len(tokens), [], tokens
+        return logits, len(tokens), []
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _filler_token(self) -> int:
