@@ -17,7 +17,7 @@ from typing import Union
 from pccpu.errors import InvalidNameError, PmlStructureError
 from pccpu.pml.schema import NAME_RE
 from pccpu.pml.text import Pieces, merge_pieces
-from pccpu.pml.xmltree import Element, parse_xml
+from pccpu.pml.xmltree import Element, parse_xml, read_text_file
 from pccpu.roles import RoleTag
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def parse_prompt(text: str | Path, *, source: str | Path | None = None) -> Promp
     """Parse a prompt from PML text (or from a file, given a :class:`~pathlib.Path`)."""
     if isinstance(text, Path):
         source = source if source is not None else str(text)
-        text = text.read_text(encoding="utf-8")
+        text = read_text_file(text, source=str(source), what="prompt file")
     src = str(source) if source is not None else None
     root = parse_xml(text, source=src)
     if root.tag != "prompt":

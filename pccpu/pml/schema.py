@@ -21,10 +21,10 @@ from pccpu.errors import (
     ParameterError,
     PmlSecurityError,
     PmlStructureError,
-    SourceFileError,
 )
 from pccpu.pml.text import Pieces, merge_pieces, trim_chunk
 from pccpu.pml.xmltree import Element, parse_xml
+from pccpu.pml.xmltree import read_text_file as _read_text
 from pccpu.roles import Role, RoleTag
 
 log = logging.getLogger(__name__)
@@ -130,19 +130,6 @@ def parse_schema(
     root = parse_xml(text, source=src_name)
     roots = ([base] if base is not None else []) + [Path(r).resolve() for r in allowed_roots]
     return _SchemaBuilder(src_name, base, roots).schema(root)
-
-
-def _read_text(path: Path, *, source: str | None, what: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise SourceFileError(f"{what} {str(path)!r} does not exist", source=source) from None
-    except UnicodeDecodeError as exc:
-        raise SourceFileError(f"{what} {str(path)!r} is not UTF-8 ({exc.reason})", source=source) from None
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise SourceFileError(f"{what} {str(path)!r} cannot be read: {reason}", source=source) from None
 
 
 class _SchemaBuilder:

@@ -19,11 +19,15 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, cast
 from xml.parsers import expat
 
-from pccpu.errors import PmlSecurityError, PmlStructureError, PmlSyntaxError
+from pccpu.errors import PmlSecurityError, PmlStructureError, PmlSyntaxError, SourceFileError
 from pccpu.roles import Role, RoleTag
+
+# Deeper PML is refused: the parsers recurse per level, and no real schema nests anywhere near this.
+MAX_DEPTH = 200
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,8 @@ class _Builder:
         return f"line {self.parser.CurrentLineNumber}, column {self.parser.CurrentColumnNumber + 1}"
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
+        if len(self.stack) >= MAX_DEPTH:
+            raise PmlStructureError(f"{self._where()}: elements nest more than {MAX_DEPTH} deep", source=self.source)
         el = Element(restore(tag), {k: restore(v) for k, v in attrs.items()}, self.parser.CurrentLineNumber,
                      self.parser.CurrentColumnNumber + 1)
         if self.stack:
@@ -138,8 +144,27 @@ class _Builder:
         raise PmlSecurityError(f"{self._where()}: entity declarations are not allowed in PML", source=self.source)
 
 
+def read_text_file(path: Path, *, source: str | None, what: str) -> str:
+    """A PML or src= file as text, with a SourceFileError naming the problem (missing, not UTF-8, unreadable)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise SourceFileError(f"{what} {str(path)!r} does not exist", source=source) from None
+    except UnicodeDecodeError as exc:
+        raise SourceFileError(f"{what} {str(path)!r} is not UTF-8 ({exc.reason})", source=source) from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise SourceFileError(f"{what} {str(path)!r} cannot be read: {reason}", source=source) from None
+
+
 def parse_xml(text: str, *, source: str | None = None) -> Element:
     """Parse PML text into an :class:`Element` tree (raising PML errors, never expat's)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: expat would fail on it with a UnicodeEncodeError
+        raise PmlSyntaxError(f"the text holds a character that is not valid Unicode ({exc.reason}) at index "
+                             f"{exc.start}", source=source) from None
     prepared = prepass(text, source=source)
     parser = expat.ParserCreate()
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
