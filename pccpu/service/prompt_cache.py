@@ -104,6 +104,8 @@ class PromptCache:
         self._model_fp = self.runtime.model.fingerprint
         self._state_fp = settings.state_fingerprint()
         self._filler = self._filler_token()
+        opening = self.runtime.roles.generation_prompt  # the assistant's turn, opened after a user turn
+        self._generation_prompt = tuple(self.runtime.model.tokenize(opening)) if opening else ()
         self._schemas: dict[str, _Schema] = {}
         self._lock = threading.Lock()
         self.encode_stats = EncodeStats()
@@ -238,9 +240,8 @@ class PromptCache:
         rt = self.runtime
         plan = resolve_prompt(entry.layout, parsed, rt.model, rt.roles, n_ctx=self.settings.n_ctx)
         wants = _ends_user_turn(parsed.items) if add_generation_prompt is None else add_generation_prompt
-        if wants and rt.roles.generation_prompt:
-            tokens = tuple(rt.model.tokenize(rt.roles.generation_prompt))
-            plan = _append_uncached(plan, tokens, self.settings.n_ctx)
+        if wants and self._generation_prompt:
+            plan = _append_uncached(plan, self._generation_prompt, self.settings.n_ctx)
         return plan
 
     def ask(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> Result:
