@@ -240,6 +240,7 @@ def main() -> int:
         marker_path().write_text(json.dumps({"key": key, "cmake_args": cmake_args, "wheel": str(wheel)}))
     else:
         log("this build is already installed")
+    pip("install", "--quiet", str(wheel))  # its dependencies (numpy, typing-extensions, ...), when missing
     verify_install(cmake_args)
     return 0
 
