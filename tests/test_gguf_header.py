@@ -7,17 +7,16 @@ import math
 import struct
 from pathlib import Path
 
+import gguf  # the test extra: pip install -e '.[test]'
+import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
-np = pytest.importorskip("numpy")
-
-from pccpu.engine.gguf_header import (  # noqa: E402
+from pccpu.engine.gguf_header import (
     GgufInfo,
     read_gguf_header,
     read_gguf_metadata,
 )
-from pccpu.errors import ModelError, UnsupportedModelError  # noqa: E402
+from pccpu.errors import ModelError, UnsupportedModelError
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "héllo", "wörld"]
