@@ -100,7 +100,7 @@ def test_check_schema_longer_than_n_ctx(model: str) -> None:
     (b"", "PmlSyntaxError", "no element found"),
     (b"<foo/>", "PmlStructureError", "must be <schema> or <prompt>"),
     (b"<schema name='d'>" + b"<module name='m'>" * 5000 + b"</module>" * 5000 + b"</schema>",
-     "PmlStructureError", "nested too deeply"),
+     "PmlStructureError", "nest more than 200 deep"),
 ])
 def test_check_bad_files_give_a_message_not_a_traceback(
     tmp_path: Path, content: bytes | str | None, error: str, fragment: str

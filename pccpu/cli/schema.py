@@ -69,15 +69,12 @@ def _read(path: str) -> str:
 def _load(path: str) -> _PmlFile:
     """Read and parse one file as a schema or a prompt, by its root element."""
     text = _read(path)
-    try:
-        root = parse_xml(text, source=path)
-        if root.tag == "prompt":
-            return _PmlFile(path, prompt=parse_prompt(text, source=path))
-        if root.tag == "schema":
-            # parse from the path, so that src= files are found next to the schema
-            return _PmlFile(path, schema=parse_schema(Path(path), source=path))
-    except RecursionError:
-        raise PmlStructureError("the document is nested too deeply to be read", source=path) from None
+    root = parse_xml(text, source=path)  # the parser limits nesting depth itself
+    if root.tag == "prompt":
+        return _PmlFile(path, prompt=parse_prompt(text, source=path))
+    if root.tag == "schema":
+        # parse from the path, so that src= files are found next to the schema
+        return _PmlFile(path, schema=parse_schema(Path(path), source=path))
     raise PmlStructureError(f"{root.where()}: the root element must be <schema> or <prompt>, not <{root.tag}>",
                             source=path)
 
