@@ -74,9 +74,6 @@ class Runtime:
         bos = (llama_model.bos_token,) if llama_model.add_bos and llama_model.bos_token >= 0 else ()
         return cls(model=llama_model, context=context, roles=chat_roles, bos_tokens=bos)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.model.tokenize(text)
-
     def close(self) -> None:
         self.context.close()
         self.model.close()
