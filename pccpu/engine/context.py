@@ -354,9 +354,13 @@ class LlamaContext:
             self._shift_pending = True
 
     def clear(self) -> None:
-        """Remove every cell of every sequence."""
+        """Remove every cell of every sequence and start placing cells from the first one again.
+
+        Without flash attention llama.cpp's results depend (slightly) on which cells hold a sequence, so code that
+        wants reproducible logits starts from a cleared cache. The KV bytes are left as they are (no memset).
+        """
         with self._lock:
-            lib().llama_memory_clear(self._memory, True)
+            lib().llama_memory_clear(self._memory, False)
             self._shift_pending = False
 
     # -- sequence state --------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def assemble(
     ``states`` maps each cached module path to its stored state and the shift to apply to it as a whole (non-zero
     when the state was found at another start position than the schema's).
     """
-    context.seq_rm(request_seq)
+    context.clear()  # start from the first cell, as a full prefill of the same prompt does (see LlamaContext.clear)
     remaining = Counter(p.module for p in plan.pieces if isinstance(p, CachedPiece))
     scratch_of: dict[str, int] = {}
     free = list(scratch_seqs)

@@ -66,8 +66,7 @@ def encode_pass(
     first_saved = encode_pass.first_saved
     before = [c for c in encode_pass.cells if c[0] < first_saved]
     after = [c for c in encode_pass.cells if c[0] >= first_saved]
-    context.seq_rm(work_seq)
-    context.seq_rm(save_seq)
+    context.clear()  # nothing else lives in the KV between requests; same cells as a full prefill would use
     done = done_before
     try:
         if before:

@@ -355,7 +355,7 @@ class PromptCache:
     def _prefill_baseline(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse]]:
         tokens = list(plan.baseline_tokens())
         ctx = self.runtime.context
-        ctx.seq_rm(REQUEST_SEQ)
+        ctx.clear()
         started = time.perf_counter()
         logits = ctx.decode(tokens, seq_id=REQUEST_SEQ, start=0)
         timings["decode_ms"] = (time.perf_counter() - started) * 1000
