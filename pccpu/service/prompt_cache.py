@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -341,12 +342,15 @@ class PromptCache:
         logits, next_position = assemble(self.runtime.context, plan, states, request_seq=REQUEST_SEQ,
                                          scratch_seqs=scratch, timings=assembly)
         timings.update(restore_ms=assembly.restore_ms, copy_ms=assembly.copy_ms, decode_ms=assembly.decode_ms)
+        cached_tokens: Counter[str] = Counter()
+        for piece in plan.pieces:
+            if isinstance(piece, CachedPiece):
+                cached_tokens[piece.module] += piece.length
         uses = []
         for path in needed:
             stored, tier, shift = found[path]  # type: ignore[misc]
-            tokens = sum(p.length for p in plan.pieces if isinstance(p, CachedPiece) and p.module == path)
             source: Source = "encoded" if path in encoded_now else tier
-            uses.append(ModuleUse(path, source, tokens, stored.nbytes, shifted=shift != 0))
+            uses.append(ModuleUse(path, source, cached_tokens[path], stored.nbytes, shifted=shift != 0))
         for piece in plan.pieces:
             if isinstance(piece, UncachedPiece) and piece.kind == "uncached_module" and piece.module:
                 uses.append(ModuleUse(piece.module, "uncached", piece.length))
