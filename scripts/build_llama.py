@@ -9,7 +9,9 @@ subprocess that executes a real tile instruction survives.
 What it does:
 1. Choose CMake arguments: the user's ``CMAKE_ARGS`` when set (used verbatim), else flags detected
    from this CPU (x86-64: explicit ISA flags with GGML_NATIVE=OFF; other architectures: llama.cpp's
-   own native detection, which has no AMX problem).
+   own native detection, which has no AMX problem). ``--backend cuda`` (or ``PCCPU_BACKEND=cuda``)
+   adds llama.cpp's CUDA backend (``-DGGML_CUDA=ON``) for the GPU architectures in
+   ``PCCPU_CUDA_ARCH`` (CMake's CUDA_ARCHITECTURES: ``native`` by default, e.g. ``90`` for H100/H200).
 2. Build a wheel into a cache keyed by (version, CMake args, Python, platform), so a wheel built with
    other flags - for instance a stale one in pip's own cache, which is keyed by the sdist only - is
    never reused by mistake.
@@ -119,9 +121,24 @@ def amx_really_works() -> bool:
     return True
 
 
-def detect_cmake_args() -> list[str]:
+BACKENDS = ("cpu", "cuda")
+
+
+def backend_args(backend: str) -> list[str]:
+    """CMake arguments for a GPU backend (none for ``cpu``)."""
+    if backend == "cpu":
+        return []
+    if backend == "cuda":
+        if shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
+            raise SystemExit("the CUDA backend needs CUDA's compiler: put nvcc on PATH or set CUDACXX")
+        arch = os.environ.get("PCCPU_CUDA_ARCH", "native")
+        return ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}"]
+    raise SystemExit(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
+def detect_cmake_args(backend: str = "cpu") -> list[str]:
     machine = platform.machine().lower()
-    args = ["-DLLAVA_BUILD=OFF"]
+    args = ["-DLLAVA_BUILD=OFF", *backend_args(backend)]
     if machine not in ("x86_64", "amd64"):
         log(f"{machine}: using llama.cpp's native CPU detection")
         return args
@@ -173,17 +190,20 @@ def pip(*args: str, env: dict[str, str] | None = None) -> None:
     subprocess.run(command, check=True, env=env)
 
 
-def build_wheel(cmake_args: str, target: Path) -> Path:
+def build_wheel(cmake_args: str, target: Path, source: str | None = None, offline: bool = False) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["CMAKE_ARGS"] = cmake_args
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    requirement = source or f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+    # offline: build with the scikit-build-core, cmake and ninja already installed (no package index)
+    extra = ["--no-build-isolation", "--no-index"] if offline else []
     with tempfile.TemporaryDirectory() as tmp:
         # --no-cache-dir: pip's wheel cache is keyed by the sdist alone and may hold a build
         # made with other flags.
         pip(
-            "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-            "-w", tmp, f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", env=env,
+            "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python", *extra,
+            "-w", tmp, requirement, env=env,
         )
         built = sorted(Path(tmp).glob("llama_cpp_python-*.whl"))
         if len(built) != 1:
@@ -210,16 +230,30 @@ def verify_install(cmake_args: str) -> None:
             "the installed llama.cpp has AMX compiled in although AMX was turned off: a stale wheel is "
             "installed. Run: python scripts/build_llama.py --force"
         )
+    if "-DGGML_CUDA=ON" in cmake_args:
+        gpu = subprocess.run(
+            [sys.executable, "-c", "import llama_cpp; print(int(llama_cpp.llama_supports_gpu_offload()))"],
+            capture_output=True, text=True,
+        )
+        if gpu.stdout.strip() != "1":
+            log("warning: the CUDA build is installed but llama.cpp sees no GPU here (driver missing?); "
+                "pccpu will refuse GPU layers until one is visible")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="rebuild the wheel even if a cached one exists")
     parser.add_argument("--print-args", action="store_true", help="print the CMake arguments and exit")
+    parser.add_argument("--backend", choices=BACKENDS, default=os.environ.get("PCCPU_BACKEND", "cpu"),
+                        help="llama.cpp backend: cpu (default) or cuda (env: PCCPU_BACKEND)")
+    parser.add_argument("--source", default=None,
+                        help="build from this llama-cpp-python sdist or source folder instead of the package index")
+    parser.add_argument("--offline", action="store_true",
+                        help="use the build tools already installed (no build isolation, no package index)")
     options = parser.parse_args()
 
     user_args = os.environ.get("CMAKE_ARGS", "").strip()
-    cmake_args = user_args if user_args else " ".join(detect_cmake_args())
+    cmake_args = user_args if user_args else " ".join(detect_cmake_args(options.backend))
     log(f"CMAKE_ARGS ({'from the environment' if user_args else 'detected'}): {cmake_args}")
     if options.print_args:
         print(cmake_args)
@@ -230,7 +264,7 @@ def main() -> int:
     wheels = sorted(cache.glob("llama_cpp_python-*.whl"))
     if options.force or not wheels:
         log(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} (several minutes on 2 cores) into {cache}")
-        wheel = build_wheel(cmake_args, cache)
+        wheel = build_wheel(cmake_args, cache, options.source, options.offline)
     else:
         wheel = wheels[-1]
         log(f"reusing wheel built with these flags: {wheel}")
@@ -240,7 +274,8 @@ def main() -> int:
         marker_path().write_text(json.dumps({"key": key, "cmake_args": cmake_args, "wheel": str(wheel)}))
     else:
         log("this build is already installed")
-    pip("install", "--quiet", str(wheel))  # its dependencies (numpy, typing-extensions, ...), when missing
+    if not options.offline:
+        pip("install", "--quiet", str(wheel))  # its dependencies (numpy, typing-extensions, ...), when missing
     verify_install(cmake_args)
     return 0
 

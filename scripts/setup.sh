@@ -3,7 +3,8 @@
 # this machine (scripts/build_llama.py), pccpu with its test and bench extras, and the default model.
 # Idempotent: a second run reuses the built wheel and the fetched model and takes seconds.
 #   PYTHON=python3.12 bash scripts/setup.sh     # another interpreter
-#   CMAKE_ARGS="-DGGML_CUDA=on" bash scripts/setup.sh   # your own llama.cpp build flags
+#   PCCPU_BACKEND=cuda bash scripts/setup.sh   # with llama.cpp's CUDA backend (needs nvcc; PCCPU_CUDA_ARCH=90 for H100)
+#   CMAKE_ARGS="..." bash scripts/setup.sh      # your own llama.cpp build flags, used verbatim
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"

@@ -147,6 +147,30 @@ def test_sequential_all_modules_in_order_equals_full_prefill(default_model_path:
     assert cached.text == baseline.text
 
 
+WRAPPED_SCHEMA = """<schema name="wrapped">
+<system>You are a helpful assistant who summarises notes.</system>
+<user>Here are my notes from the week, one day at a time.
+<module name="a">Monday: the bakery on Elm Street opened at six and sold out of rye bread by nine.</module>
+That was Monday. The next day was very different.
+<module name="b">Tuesday: heavy rain flooded the underpass near the station and buses were rerouted.</module>
+That is all for now.</schema>"""
+WRAPPED_PROMPT = '<prompt schema="wrapped"><a/><b/>\nSummarise my week in one sentence.</user></prompt>'
+
+
+def test_prefix_layout_logits_are_bit_exact(default_model_path: Path) -> None:
+    """The root's text is interrupted by modules a and b: each of its runs is stored as its own state and restored
+    at its turn, so the request's KV cells lie in position order like a full prefill's and the logits are equal to
+    the bit (restoring the root whole put all its runs first and moved logits by up to 0.8)."""
+    with make_cache(default_model_path, mode="sequential", persist=False) as pc:
+        pc.add_schema(WRAPPED_SCHEMA)
+        root = pc.store.lookup(pc._schemas["wrapped"].keys[""], pc._expect())
+        assert root is not None
+        assert len(root.entry.runs()) == len(pc._schemas["wrapped"].ranges[""]) == 3
+        cached = first_logits(pc, WRAPPED_PROMPT)
+        baseline = first_logits(pc, WRAPPED_PROMPT, cache=False)
+    assert np.array_equal(cached, baseline)
+
+
 # -- 2. modular layouts ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["isolated", "sequential"])
 def test_modular_layout(default_model_path: Path, tmp_path: Path, mode: str) -> None:

@@ -13,7 +13,8 @@ from pccpu.service.runtime import ROLE_MODES
 
 
 def cache_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--model, --n-ctx, --threads, --mode, --roles, --namespace, --no-persist, --kv-type."""
+    """--model, --n-ctx, --threads, --mode, --roles, --namespace, --no-persist, --kv-type, and GPU offload:
+    --gpu-layers, --kv-on-cpu, --resident-mb."""
     decorators = [
         click.option("--model", "-m", envvar="PCCPU_MODEL", default=None,
                      help="Registry name (see `pccpu models list`) or a .gguf path. Env: PCCPU_MODEL."),
@@ -29,13 +30,26 @@ def cache_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="KV cache element type (K and V); q8_0 halves module memory and turns flash attention on."),
         click.option("--namespace", default="default", show_default=True, help="Store namespace (tenant)."),
         click.option("--no-persist", is_flag=True, help="Keep module states in RAM only (no disk tier)."),
+        click.option("--gpu-layers", default="none", show_default=True, envvar="PCCPU_GPU_LAYERS",
+                     help="Layers to offload to the GPU: all, none or a number (needs the CUDA build, see README). "
+                          "Env: PCCPU_GPU_LAYERS."),
+        click.option("--kv-on-cpu", is_flag=True,
+                     help="With GPU layers, keep the KV cache (and module states) in host memory."),
+        click.option("--resident-mb", type=click.IntRange(0, 1 << 20), default=0, show_default=True,
+                     help="Keep used module runs in the KV cache between prompts, up to this many MiB (GPU memory "
+                          "with GPU layers): no restore copy for them."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
 
 
 def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: str, roles: str, kv_type: str,
-                      namespace: str, no_persist: bool) -> Any:
+                      namespace: str, no_persist: bool, gpu_layers: str, kv_on_cpu: bool, resident_mb: int) -> Any:
+    from pccpu.engine import parse_gpu_layers
     from pccpu.service import PromptCache
 
+    n_gpu_layers = parse_gpu_layers(gpu_layers)
+    # flash attention: needed by a q8_0 V cache; on a GPU, faster (None lets PromptCache decide)
+    flash_attn = True if kv_type != "f16" else None
     return PromptCache(model, n_ctx=n_ctx, n_threads=threads, mode=mode, roles=roles, type_k=kv_type,
-                       type_v=kv_type, flash_attn=kv_type != "f16", namespace=namespace, persist=not no_persist)
+                       type_v=kv_type, flash_attn=flash_attn, namespace=namespace, persist=not no_persist,
+                       n_gpu_layers=n_gpu_layers, offload_kqv=not kv_on_cpu, resident_budget=resident_mb << 20)

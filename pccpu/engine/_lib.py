@@ -8,7 +8,9 @@ INFO, so they are quiet unless ``--verbose`` (logging DEBUG) is asked for; its e
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import logging
+import sys
 import threading
 from types import ModuleType
 
@@ -28,6 +30,8 @@ def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     global _pending_level
     if level != 5:
         _pending_level = _GGML_TO_LOGGING.get(level, logging.DEBUG)
+    if not logger.isEnabledFor(_pending_level):
+        return
     _pending_text.append(text.decode("utf-8", errors="replace"))
     joined = "".join(_pending_text)
     if joined.endswith("\n"):
@@ -36,11 +40,31 @@ def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
             logger.log(_pending_level, joined.rstrip("\n"))
 
 
+def _load_libstdcxx_first() -> None:
+    """Load the C++ runtime into the global symbol scope before llama.cpp's libraries.
+
+    A CUDA build of llama.cpp made with CUDA 13 ships a ``libggml-cuda.so`` that itself exports C++ runtime symbols
+    (``std::ostream`` inserters); when those are bound first, ``libllama`` formats its model summary with them and
+    crashes (SIGSEGV in ``print_info`` during ``llama_model_load_from_file``, seen on an H200 machine). With the
+    system's ``libstdc++`` loaded globally first, every library binds to it. Harmless where nothing interposes.
+    """
+    if sys.platform != "linux":
+        return
+    name = ctypes.util.find_library("stdc++")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+    except OSError as exc:
+        logger.debug("could not preload %s: %s", name, exc)
+
+
 def lib() -> ModuleType:
     """Return the ``llama_cpp`` module, initialising the backend and the log bridge on first use."""
     global _lib, _callback
     with _lock:
         if _lib is None:
+            _load_libstdcxx_first()
             import llama_cpp
 
             _callback = llama_cpp.llama_log_callback(_on_log)

@@ -60,6 +60,8 @@ class ContextSettings:
     type_v: str = "f16"
     kv_unified: bool = True
     swa_full: bool = True
+    # With layers on a GPU: keep the KV cache (and attention) there too. Without GPU layers it changes nothing.
+    offload_kqv: bool = True
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "n_batch", "n_ubatch", "n_seq_max", "n_threads", "n_threads_batch"):
@@ -76,9 +78,14 @@ class ContextSettings:
         if self.type_v not in ("f16", "f32", "bf16") and not self.flash_attn:
             raise InvalidArgumentError(f"a quantized V cache (type_v={self.type_v}) needs flash_attn=True")
 
-    def state_fingerprint(self) -> str:
-        """Hash of everything that changes the bytes of a saved sequence state (for cache keys)."""
+    def state_fingerprint(self, placement: str = "cpu") -> str:
+        """Hash of everything that changes the bytes of a saved sequence state (for cache keys).
+
+        ``placement`` names where the model runs (see ``LlamaModel.placement``): a state computed on a GPU has
+        (slightly) other values than one computed on the CPU, so the two are kept apart.
+        """
         material = {
+            "placement": placement,
             "type_k": self.type_k,
             "type_v": self.type_v,
             "flash_attn": self.flash_attn,  # changes V's layout in the cache
@@ -130,6 +137,7 @@ class LlamaContext:
         params.type_v = KV_TYPES[s.type_v]
         params.kv_unified = s.kv_unified
         params.swa_full = s.swa_full
+        params.offload_kqv = s.offload_kqv
         params.no_perf = True
         handle = llama_cpp.llama_init_from_model(model.handle, params)
         if not handle:
@@ -353,15 +361,24 @@ class LlamaContext:
             llama_cpp.llama_memory_seq_add(self._memory, seq_id, p0, p1, delta)
             self._shift_pending = True
 
-    def clear(self) -> None:
-        """Remove every cell of every sequence and start placing cells from the first one again.
+    def clear(self, keep: Sequence[int] = ()) -> None:
+        """Remove every cell of every sequence and start placing cells from the first one again; with ``keep``,
+        remove every sequence but those (their cells stay where they are, and new cells fill the gaps).
 
         Without flash attention llama.cpp's results depend (slightly) on which cells hold a sequence, so code that
         wants reproducible logits starts from a cleared cache. The KV bytes are left as they are (no memset).
         """
         with self._lock:
-            lib().llama_memory_clear(self._memory, False)
-            self._shift_pending = False
+            if not keep:
+                lib().llama_memory_clear(self._memory, False)
+                self._shift_pending = False
+                return
+            for seq_id in keep:
+                self._check_seq(seq_id)
+            kept = set(keep)
+            for seq_id in range(self.n_seq_max + 1):  # the internal sequence too
+                if seq_id not in kept:
+                    lib().llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
     # -- sequence state --------------------------------------------------------------------------------
     def state_seq_size(self, seq_id: int) -> int:

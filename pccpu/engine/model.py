@@ -12,11 +12,36 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pccpu.engine._lib import lib
-from pccpu.errors import InvalidArgumentError, ModelError, UnsupportedModelError
+from pccpu.errors import ConfigError, InvalidArgumentError, ModelError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
+ALL_LAYERS = -1  # n_gpu_layers: offload every layer
+
+
+def gpu_offload_supported() -> bool:
+    """Whether this llama.cpp build has a GPU backend (CUDA, ...) that layers can be offloaded to."""
+    return bool(lib().llama_supports_gpu_offload())
+
+
+def parse_gpu_layers(value: str | int) -> int:
+    """``all``, ``none`` or a count of layers, as given on a command line, to an ``n_gpu_layers`` value.
+
+    >>> parse_gpu_layers("all"), parse_gpu_layers("none"), parse_gpu_layers("12")
+    (-1, 0, 12)
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and value.strip().lower() in ("all", "none"):
+        return ALL_LAYERS if value.strip().lower() == "all" else 0
+    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        number = int(value)
+    else:
+        raise InvalidArgumentError(f"GPU layers must be 'all', 'none' or a number of layers, got {value!r}")
+    if number < ALL_LAYERS:
+        raise InvalidArgumentError(f"GPU layers must be 'all', 'none' or a number >= 0, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -50,6 +75,14 @@ class LlamaModel:
     def __init__(self, path: str | Path, *, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
         self.path = Path(path).expanduser().resolve()
         _check_gguf_file(self.path)
+        n_gpu_layers = parse_gpu_layers(n_gpu_layers)
+        if n_gpu_layers != 0 and not gpu_offload_supported():
+            raise ConfigError(
+                f"n_gpu_layers={n_gpu_layers} asks for GPU offload, but this llama.cpp build has no GPU backend. "
+                "Install the CUDA build (PCCPU_BACKEND=cuda bash scripts/setup.sh, see the README) or use "
+                "n_gpu_layers=0"
+            )
+        self.n_gpu_layers = n_gpu_layers
         llama_cpp = lib()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
@@ -113,6 +146,14 @@ class LlamaModel:
             if n < size:
                 return buf.value.decode("utf-8", errors="replace")
             size = n + 1
+
+    @property
+    def placement(self) -> str:
+        """Where the model's layers run: ``cpu``, or ``gpu:N`` with N offloaded layers (``gpu:all``)."""
+        if self.n_gpu_layers == 0:
+            return "cpu"
+        offloaded = self.n_gpu_layers if 0 < self.n_gpu_layers <= self.info.n_layer else "all"
+        return f"gpu:{offloaded}"
 
     @property
     def chat_template(self) -> str | None:

@@ -28,7 +28,8 @@ ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
 class EncodedModule:
     cells: ModuleCells
     context: tuple[Cell, ...]
-    state: np.ndarray
+    state: np.ndarray  # the runs' sequence states, concatenated
+    run_bytes: tuple[int, ...]  # size of each run's state, one per range of ``cells``
 
 
 @dataclass
@@ -61,12 +62,15 @@ def encode_pass(
     progress: ProgressCallback | None = None,
     done_before: int = 0,
     total: int = 0,
+    keep: list[int] | None = None,
 ) -> list[EncodedModule]:
+    """Decode the pass into ``work_seq`` and return each saved module's state; ``keep``: sequences (resident
+    modules) the cache is cleared around."""
     started = time.perf_counter()
     first_saved = encode_pass.first_saved
     before = [c for c in encode_pass.cells if c[0] < first_saved]
     after = [c for c in encode_pass.cells if c[0] >= first_saved]
-    context.clear()  # nothing else lives in the KV between requests; same cells as a full prefill would use
+    context.clear(keep=keep or ())  # nothing else lives in the KV between requests: a full prefill's cells
     done = done_before
     try:
         if before:
@@ -90,11 +94,14 @@ def encode_pass(
         context.apply_pending_shift()
         out = []
         for module in encode_pass.saved:
+            # one state per run: each is restored at its own turn, keeping the request's cells in position order
+            runs = []
             for p0, p1 in module.ranges:
                 context.seq_cp(work_seq, save_seq, p0, p1)
-            state = context.state_seq_get(save_seq)  # a fresh array owned by the caller
-            context.seq_rm(save_seq)
-            out.append(EncodedModule(module, encode_pass.context_of(module), state))
+                runs.append(context.state_seq_get(save_seq))  # a fresh array owned by the caller
+                context.seq_rm(save_seq)
+            state = runs[0] if len(runs) == 1 else np.concatenate(runs)
+            out.append(EncodedModule(module, encode_pass.context_of(module), state, tuple(r.nbytes for r in runs)))
     finally:
         context.seq_rm(work_seq)
         context.seq_rm(save_seq)

@@ -5,8 +5,13 @@
         result = pc.ask(open("schemas/demo_prompt.xml").read())
         print(result.text, result.ttft_ms)
 
-Sequence ids in the context: 0 the request, 1 and 2 for encoding (work and save), 3.. scratch sequences that
-hold restored module states while a request is assembled.
+Sequence ids in the context: 0 the request, 1 and 2 for encoding (work and save), 3..n_seq_max-1 scratch
+sequences that hold restored module states while a request is assembled, then one per resident module run (see
+``resident.py``) when a resident budget is set.
+
+GPU offload: ``n_gpu_layers`` ("all", "none" or a count) with a CUDA build of llama-cpp-python; the KV cache goes
+with the layers unless ``offload_kqv=False``. Module states are restored from host memory into the (GPU) KV cache;
+with ``resident_budget`` bytes, used module runs also stay in the KV cache between requests.
 """
 
 from __future__ import annotations
@@ -21,8 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pccpu.engine import ContextSettings
-from pccpu.errors import BusyError, ConfigError, UnknownSchemaError, UnsupportedModelError
+from pccpu.engine import ContextSettings, parse_gpu_layers
+from pccpu.errors import (
+    BusyError,
+    ConfigError,
+    NoKvSlotError,
+    StateError,
+    UnknownSchemaError,
+    UnsupportedModelError,
+)
 from pccpu.generation.sampling import SamplingSettings
 from pccpu.generation.stream import GenerationOutcome, GenerationSettings, generate
 from pccpu.pml import (
@@ -37,10 +49,11 @@ from pccpu.pml import (
     resolve_prompt,
 )
 from pccpu.roles import Role, RoleTag
-from pccpu.service.assembler import AssemblyTimings, assemble
+from pccpu.service.assembler import AssemblyTimings, ModuleSource, assemble
 from pccpu.service.encoder import EncodeStats, ProgressCallback, encode_pass
 from pccpu.service.passes import ContextMode, EncodePass, cached_modules, check_mode, plan_passes
 from pccpu.service.prompt_builder import Selection, build_prompt_xml
+from pccpu.service.resident import ResidentModules
 from pccpu.service.result import ModuleUse, Result, Source
 from pccpu.service.runtime import Runtime
 from pccpu.store import EntryKey, ModuleStore, StoredModule, content_key
@@ -56,6 +69,7 @@ class _Schema:
     passes: list[EncodePass]
     keys: dict[str, EntryKey]  # module path -> key of its state
     pass_of: dict[str, int]  # module path -> index into passes
+    ranges: dict[str, tuple[tuple[int, int], ...]]  # module path -> its text runs (one stored state each)
 
 
 class PromptCache:
@@ -68,7 +82,7 @@ class PromptCache:
         n_ctx: int = 4096,
         n_batch: int = 512,
         n_threads: int | None = None,
-        flash_attn: bool = False,
+        flash_attn: bool | None = None,
         type_k: str = "f16",
         type_v: str = "f16",
         n_seq_max: int = 16,
@@ -79,17 +93,31 @@ class PromptCache:
         ram_budget: int | None = None,
         disk_budget: int | None = None,
         persist: bool = True,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | str = 0,
+        offload_kqv: bool = True,
+        resident_budget: int = 0,
+        resident_slots: int = 64,
     ) -> None:
         self.mode: ContextMode = check_mode(mode)
         if n_seq_max < FIRST_SCRATCH_SEQ + 1:
             raise ConfigError(f"n_seq_max must be at least {FIRST_SCRATCH_SEQ + 1}, got {n_seq_max}")
+        if resident_budget < 0 or resident_slots < 1:
+            raise ConfigError(f"resident_budget must be >= 0 bytes and resident_slots >= 1, got {resident_budget} "
+                              f"and {resident_slots}")
+        gpu_layers = parse_gpu_layers(n_gpu_layers)
+        if flash_attn is None:  # on a GPU flash attention is faster and keeps V untransposed (one copy per layer)
+            flash_attn = gpu_layers != 0
         threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
-        settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max,
-                                   flash_attn=flash_attn, type_k=type_k, type_v=type_v, **threads)
+        resident_seqs = resident_slots if resident_budget else 0
+        settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max + resident_seqs,
+                                   flash_attn=flash_attn, type_k=type_k, type_v=type_v, offload_kqv=offload_kqv,
+                                   **threads)
+        self.n_ctx = n_ctx  # the longest prompt plus answer; the context has extra cells for resident runs
+        self._n_scratch_end = n_seq_max
         self.store = ModuleStore(directory=store_dir, namespace=namespace, ram_budget=ram_budget,
                                  disk_budget=disk_budget, persist=persist)
-        self.runtime = Runtime.open(model, settings, roles=roles, n_gpu_layers=n_gpu_layers)
+        self.runtime = Runtime.open(model, settings, roles=roles, n_gpu_layers=gpu_layers,
+                                    reserve_bytes=resident_budget)
         n_swa = self.runtime.model.info.n_swa
         if n_swa > 0:
             name = self.runtime.model.path.name
@@ -103,7 +131,9 @@ class PromptCache:
             )
         self.settings = settings
         self._model_fp = self.runtime.model.fingerprint
-        self._state_fp = settings.state_fingerprint()
+        self._state_fp = settings.state_fingerprint(self.runtime.model.placement)
+        self.residents = ResidentModules(self.runtime.context, list(range(n_seq_max, n_seq_max + resident_seqs)),
+                                         self.runtime.reserved_cells)
         self._filler = self._filler_token()
         opening = self.runtime.roles.generation_prompt  # the assistant's turn, opened after a user turn
         self._generation_prompt = tuple(self.runtime.model.tokenize(opening)) if opening else ()
@@ -135,17 +165,19 @@ class PromptCache:
         with self._exclusive():
             parsed = parse_schema(schema)
             rt = self.runtime
-            layout = build_layout(parsed, rt.model, rt.roles, bos_tokens=rt.bos_tokens, n_ctx=self.settings.n_ctx)
+            layout = build_layout(parsed, rt.model, rt.roles, bos_tokens=rt.bos_tokens, n_ctx=self.n_ctx)
             passes = plan_passes(layout, self.mode, self._filler)
             keys: dict[str, EntryKey] = {}
             pass_of: dict[str, int] = {}
+            ranges: dict[str, tuple[tuple[int, int], ...]] = {}
             for index, encode_plan in enumerate(passes):
                 for module in encode_plan.saved:
                     keys[module.path] = self._key(encode_plan.context_of(module), module.cells, module.start)
                     pass_of[module.path] = index
+                    ranges[module.path] = module.ranges
             if parsed.name in self._schemas:
                 logger.info("schema %r replaced", parsed.name)
-            self._schemas[parsed.name] = _Schema(layout, passes, keys, pass_of)
+            self._schemas[parsed.name] = _Schema(layout, passes, keys, pass_of, ranges)
             if encode:
                 self._encode_missing(self._schemas[parsed.name], cached_modules(layout), progress)
             return layout
@@ -208,11 +240,13 @@ class PromptCache:
     def _run_pass(self, entry: _Schema, encode_plan: EncodePass, progress: ProgressCallback | None, done: int,
                   total: int) -> None:
         encoded = encode_pass(self.runtime.context, encode_plan, work_seq=WORK_SEQ, save_seq=SAVE_SEQ,
-                              stats=self.encode_stats, progress=progress, done_before=done, total=total)
+                              stats=self.encode_stats, progress=progress, done_before=done, total=total,
+                              keep=self.residents.seq_ids)
         for module in encoded:
             key = entry.keys[module.cells.path]
             meta = dict(self._expect(), schema=entry.layout.name, module=module.cells.path, mode=self.mode,
                         n_cells=len(module.cells.cells), ranges=[list(r) for r in module.cells.ranges],
+                        run_bytes=list(module.run_bytes),
                         model_file=self.runtime.model.path.name, created=time.time())
             self.store.save(StoredModule(key, module.state, meta))
 
@@ -239,10 +273,10 @@ class PromptCache:
         parsed = parse_prompt(prompt)
         entry = self._schema(parsed.schema)
         rt = self.runtime
-        plan = resolve_prompt(entry.layout, parsed, rt.model, rt.roles, n_ctx=self.settings.n_ctx)
+        plan = resolve_prompt(entry.layout, parsed, rt.model, rt.roles, n_ctx=self.n_ctx)
         wants = _ends_user_turn(parsed.items) if add_generation_prompt is None else add_generation_prompt
         if wants and self._generation_prompt:
-            plan = _append_uncached(plan, self._generation_prompt, self.settings.n_ctx)
+            plan = _append_uncached(plan, self._generation_prompt, self.n_ctx)
         return plan
 
     def ask(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> Result:
@@ -336,11 +370,21 @@ class PromptCache:
                 if found[path] is None:  # the RAM budget could not keep it and no disk tier
                     raise ConfigError(f"module {path!r} could not be kept in the store: raise ram_budget")
                 encoded_now.add(path)
-        states = {p: (f[0], f[2]) for p, f in found.items() if f is not None}
+        sources = {p: ModuleSource(f[0], f[2], entry.ranges[p]) for p, f in found.items() if f is not None}
         assembly = AssemblyTimings()
-        scratch = list(range(FIRST_SCRATCH_SEQ, self.settings.n_seq_max))
-        logits, next_position = assemble(self.runtime.context, plan, states, request_seq=REQUEST_SEQ,
-                                         scratch_seqs=scratch, timings=assembly)
+        scratch = list(range(FIRST_SCRATCH_SEQ, self._n_scratch_end))
+        try:
+            logits, next_position = assemble(self.runtime.context, plan, sources, request_seq=REQUEST_SEQ,
+                                             scratch_seqs=scratch, timings=assembly, residents=self.residents)
+        except (StateError, NoKvSlotError) as exc:
+            if not len(self.residents):
+                raise
+            # resident runs can leave no contiguous room for a restore: drop them all and assemble again
+            logger.info("no room beside %d resident run(s) (%s); dropping them", len(self.residents), exc)
+            self.residents.clear()
+            assembly = AssemblyTimings()
+            logits, next_position = assemble(self.runtime.context, plan, sources, request_seq=REQUEST_SEQ,
+                                             scratch_seqs=scratch, timings=assembly, residents=self.residents)
         timings.update(restore_ms=assembly.restore_ms, copy_ms=assembly.copy_ms, decode_ms=assembly.decode_ms)
         cached_tokens: Counter[str] = Counter()
         for piece in plan.pieces:
@@ -359,7 +403,7 @@ class PromptCache:
     def _prefill_baseline(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse]]:
         tokens = list(plan.baseline_tokens())
         ctx = self.runtime.context
-        ctx.clear()
+        ctx.clear(keep=self.residents.seq_ids)
         started = time.perf_counter()
         logits = ctx.decode(tokens, seq_id=REQUEST_SEQ, start=0)
         timings["decode_ms"] = (time.perf_counter() - started) * 1000

@@ -5,6 +5,7 @@ This is the glue between the engine and the text side (PML layout needs a tokeni
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ class Runtime:
     context: LlamaContext
     roles: ChatRoles
     bos_tokens: tuple[int, ...] = field(default=())
+    reserved_cells: int = 0  # KV cells beyond the context's n_ctx for requests (see ``open``)
 
     @classmethod
     def open(
@@ -61,18 +63,25 @@ class Runtime:
         settings: ContextSettings | None = None,
         *,
         roles: str = "auto",
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | str = 0,
+        reserve_bytes: int = 0,
     ) -> Runtime:
+        """Load the model and create its context. ``reserve_bytes``: KV memory on top of ``settings.n_ctx``, as
+        whole cells (for resident modules); ``reserved_cells`` says how many."""
         path = resolve_model_path(model)
         llama_model = LlamaModel(path, n_gpu_layers=n_gpu_layers)
         try:
             chat_roles = chat_roles_for(llama_model, roles)
-            context = LlamaContext(llama_model, settings or ContextSettings())
+            settings = settings or ContextSettings()
+            reserved = int(reserve_bytes // settings.kv_bytes_per_token(llama_model)) if reserve_bytes > 0 else 0
+            if reserved:
+                settings = dataclasses.replace(settings, n_ctx=settings.n_ctx + reserved)
+            context = LlamaContext(llama_model, settings)
         except BaseException:
             llama_model.close()
             raise
         bos = (llama_model.bos_token,) if llama_model.add_bos and llama_model.bos_token >= 0 else ()
-        return cls(model=llama_model, context=context, roles=chat_roles, bos_tokens=bos)
+        return cls(model=llama_model, context=context, roles=chat_roles, bos_tokens=bos, reserved_cells=reserved)
 
     def close(self) -> None:
         self.context.close()

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 NAMESPACE_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+# How a module's state is laid out (one sequence state per contiguous text run); part of every key, so entries
+# written under another layout are never found.
+STATE_LAYOUT = "runs/1"
 
 
 @dataclass(frozen=True, order=True)
@@ -45,7 +48,7 @@ def content_key(
     Positions are made relative to ``start`` before hashing.
     """
     digest = hashlib.sha256()
-    for part in (namespace, model_fingerprint, state_fingerprint, mode):
+    for part in (STATE_LAYOUT, namespace, model_fingerprint, state_fingerprint, mode):
         digest.update(part.encode())
         digest.update(b"\x00")
     for label, pairs in ((b"ctx", context), (b"cells", cells)):

@@ -3,6 +3,7 @@ entries never evicted."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from collections import OrderedDict
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pccpu.errors import StateError
 from pccpu.store.keys import EntryKey
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,22 @@ class StoredModule:
     @property
     def nbytes(self) -> int:
         return int(self.state.nbytes)
+
+    def runs(self) -> list[np.ndarray]:
+        """The state split into one sequence state per contiguous run of the module's text (views, no copy).
+
+        A module interrupted by a nested module is saved run by run, so each run can be restored at its own turn
+        and the request's KV cells end up in position order, as a full prefill lays them out.
+        """
+        sizes = self.meta.get("run_bytes")
+        if sizes is None:
+            return [self.state]
+        if not isinstance(sizes, list) or not all(isinstance(n, int) and n > 0 for n in sizes) or \
+                sum(sizes) != self.nbytes:
+            raise StateError(f"stored module {self.key.file_stem}: run sizes {sizes!r} do not add up to its "
+                             f"{self.nbytes} state bytes; clear the cache (pccpu cache clear)")
+        bounds = [int(b) for b in np.cumsum([0, *sizes])]
+        return [self.state[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 class RamTier:
