@@ -75,7 +75,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
                 "bound_ms": bound, "ratio_to_bound": st["median"] / bound if st and bound else None,
             })
         groups_out.append(_group_metrics(model, workload, size, systems, full_stats, kv_bytes))
+    quality = {(r["model"], r["size"]): r for r in records if r.get("kind") == "quality"}  # the latest per key
     return {"machine": metas[-1]["machine"] if metas else {}, "config": metas[-1]["config"] if metas else {},
+            "quality": [quality[k] for k in sorted(quality)],
             "memory_bandwidth_bytes_per_s": metas[-1].get("memory_bandwidth_bytes_per_s") if metas else None,
             "rows": rows_out, "groups": groups_out}
 
@@ -104,6 +106,7 @@ def _group_metrics(model: str, workload: str, size: int, systems: dict[str, dict
         restore = _median_timing(samples, "restore_ms")
         out["restore_ram_bytes_per_s"] = state_bytes / restore * 1000 if restore else None
         out["overhead_ms"] = _median_timing(samples, "parse_ms", "lookup_ms", "restore_ms", "copy_ms")
+        out["first_token_kl"] = ram.get("first_token_kl")
         out["decode_ms"] = _median_timing(samples, "decode_ms")
         if full and full["samples"]:
             reference = full["samples"][0]["first_token"]
@@ -149,7 +152,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
                      f"| {_x(r['speedup'])} | {_x(r['ratio_to_bound'])} |")
     lines += ["", "| workload | model | cached tokens | encode tok/s | prefill tok/s | stored B/token (theory) "
               "| restore GB/s RAM / disk | overhead ms | decode ms | disk process load ms | peak RSS MB "
-              "| top-1 agree |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| top-1 agree | first-token KL |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for g in summary["groups"]:
         stored = g.get("stored_bytes_per_cached_token")
         rss = g.get("peak_rss_bytes")
@@ -159,7 +162,17 @@ def render_markdown(summary: dict[str, Any]) -> str:
             f"| {_num(g.get('prefill_tokens_per_s'))} | {_num(stored)} ({_num(g['kv_bytes_per_token_theory'])}) "
             f"| {_gbps(g.get('restore_ram_bytes_per_s'))} / {_gbps(g.get('restore_disk_bytes_per_s'))} "
             f"| {_ms(g.get('overhead_ms'))} | {_ms(g.get('decode_ms'))} | {_ms(g.get('disk_process_load_ms'))} "
-            f"| {_num(rss / 2**20 if rss else None)} | {'-' if agree is None else f'{agree:.0%}'} |")
+            f"| {_num(rss / 2**20 if rss else None)} | {'-' if agree is None else f'{agree:.0%}'} "
+            f"| {_kl(g.get('first_token_kl'))} |")
+    quality = summary.get("quality") or []
+    if quality:
+        lines += ["", "Retrieval accuracy (facts planted in the picked documents of a modular prompt, greedy answers):",
+                  "", "| model | cached tokens | questions | full prefill correct | pccpu correct | top-1 agree "
+                  "| first-token KL median | same greedy answer |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for q in quality:
+            lines.append(f"| {q['model']} | {q['answers'][0]['cached_tokens']} | {q['questions']} "
+                         f"| {q['full_accuracy']:.0%} | {q['cached_accuracy']:.0%} | {q['top1_agreement']:.0%} "
+                         f"| {_kl(q['kl_median'])} | {q['greedy_equal']:.0%} |")
     m = summary.get("machine") or {}
     if m:
         lines += ["", f"Machine: {m.get('cpu')}, {m.get('threads_used')} threads used "
@@ -171,6 +184,10 @@ def render_markdown(summary: dict[str, Any]) -> str:
         files = sorted({(g["model"], g["model_file"], g["model_sha256"]) for g in summary["groups"]})
         lines += [f"Model {name}: {file} (sha256 {sha})" for name, file, sha in files]
     return "\n".join(lines) + "\n"
+
+
+def _kl(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _num(value: float | None) -> str:

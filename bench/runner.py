@@ -19,7 +19,14 @@ from typing import Any
 
 from pccpu.bench import machine
 from pccpu.bench.corpus import corpus_text
-from pccpu.bench.systems import SYSTEMS, LlamaCacheSide, PccpuSide, RunSettings, run_disk_worker
+from pccpu.bench.systems import (
+    SYSTEMS,
+    LlamaCacheSide,
+    PccpuSide,
+    RunSettings,
+    first_token_kl,
+    run_disk_worker,
+)
 from pccpu.bench.workloads import WORKLOADS, Workload, build_workload
 
 logger = logging.getLogger(__name__)
@@ -42,6 +49,7 @@ class BenchConfig:
     out: Path = Path("bench/results")
     resume: bool = False
     slow_above: int = 2048
+    retrieval: bool = True  # the retrieval-accuracy task (retrieval.py) per model, at the smallest size
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS] + [s for s in self.systems if s not in SYSTEMS]
@@ -147,7 +155,27 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> Path:
                     rows = measure_row(config, str(path), workload, todo, common)
                     append_records(results, rows)
                     done |= done_keys(rows)
+            size = min(config.sizes)
+            if config.retrieval and not any(r.get("kind") == "quality" and r.get("model") == model_name
+                                            and r.get("size") == size for r in load_records(results)):
+                say(f"{model_name} retrieval accuracy at {size} tokens: full prefill and cached answers")
+                record = measure_retrieval(config, str(path), size, corpus, tokenize, detokenize)
+                append_records(results, [dict(record, kind="quality", model=model_name, size=size,
+                                              time=time.time())])
     return results
+
+
+def measure_retrieval(config: BenchConfig, model_path: str, size: int, corpus: str, tokenize: Any,
+                      detokenize: Any) -> dict[str, Any]:
+    """The retrieval task (``retrieval.py``) on a fresh PromptCache with the bench's settings, RAM only."""
+    from pccpu.bench.retrieval import build_retrieval, run_retrieval
+    from pccpu.service.prompt_cache import PromptCache
+
+    task = build_retrieval(size, corpus, tokenize, detokenize)
+    settings = RunSettings(model_path, -(-(size * 3 // 2 + 512) // 256) * 256, config.threads)
+    kwargs = dict(settings.prompt_cache_kwargs(), persist=False, store_dir=None)
+    with PromptCache(model_path, **kwargs) as pc:
+        return run_retrieval(pc, task)
 
 
 def measure_row(config: BenchConfig, model_path: str, workload: Workload, systems: list[str],
@@ -195,7 +223,9 @@ def measure_row(config: BenchConfig, model_path: str, workload: Workload, system
                                    "first_ttft_ms": report["samples"][0]["ttft_ms"]}
         if "pccpu-ram" in systems:
             extra["pccpu-ram"] = {"encode_ms": pcs.encode_ms, "encode_tokens": pcs.encode_tokens,
-                                  "encode_tokens_per_s": pcs.encode_tokens_per_s}
+                                  "encode_tokens_per_s": pcs.encode_tokens_per_s,
+                                  "first_token_kl": first_token_kl(pcs.last_logits.get("full"),
+                                                                   pcs.last_logits.get("pccpu-ram"))}
         for name in ("llama-ram", "llama-disk"):
             if name in systems and llama is not None:
                 extra[name] = {"load_ms": llama.load_ms, "warm_ms": llama.warm_ms,

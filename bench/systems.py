@@ -65,6 +65,18 @@ def result_sample(result: Result) -> dict[str, Any]:
     }
 
 
+def first_token_kl(reference: Any, other: Any) -> float | None:
+    """KL(reference || other) of two next-token distributions given as logits; None when one is missing."""
+    if reference is None or other is None:
+        return None
+    import numpy as np
+
+    p, q = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    lp = p - p.max() - np.log(np.exp(p - p.max()).sum())
+    lq = q - q.max() - np.log(np.exp(q - q.max()).sum())
+    return float((np.exp(lp) * (lp - lq)).sum())
+
+
 def longest_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -82,6 +94,7 @@ class PccpuSide:
 
         self.settings = settings
         self.prompt = prompt
+        self.last_logits: dict[str, Any] = {}  # first-token logits of the last full / pccpu-ram answer
         self.pc = PromptCache(settings.model_path, **settings.prompt_cache_kwargs())
         try:
             self.pc.store.clear()
@@ -105,10 +118,14 @@ class PccpuSide:
         return [i.path for i in disk.infos()] if disk is not None else []
 
     def full(self) -> dict[str, Any]:
-        return result_sample(self.pc.ask(self.prompt, cache=False, max_tokens=1))
+        result = self.pc.ask(self.prompt, cache=False, max_tokens=1, keep_logits=True)
+        self.last_logits["full"] = result.first_logits
+        return result_sample(result)
 
     def ram(self) -> dict[str, Any]:
-        sample = result_sample(self.pc.ask(self.prompt, max_tokens=1))
+        result = self.pc.ask(self.prompt, max_tokens=1, keep_logits=True)
+        self.last_logits["pccpu-ram"] = result.first_logits
+        sample = result_sample(result)
         if sample["sources"] != ["ram"]:
             logger.warning("pccpu-ram run served modules from %s, not only RAM", sample["sources"])
         return sample

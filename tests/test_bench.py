@@ -94,7 +94,25 @@ def test_quick_bench_smoke(tmp_path: Path) -> None:
     table = (out / "results.md").read_text()
     assert table.count("| pccpu-disk |") == 2
     assert summary["machine"]["threads_used"] >= 1
+    kls = [g["first_token_kl"] for g in summary["groups"]]
+    assert all(k is not None and k >= 0 for k in kls)
+    (quality,) = summary["quality"]
+    assert quality["questions"] == 2 and len(quality["answers"]) == 2
+    assert 0 <= quality["full_accuracy"] <= 1 and 0 <= quality["cached_accuracy"] <= 1
+    assert all(a["cached_tokens"] > 0 and a["full"] and a["cached"] for a in quality["answers"])
+    assert "Retrieval accuracy" in table
     # resume: nothing left to measure, the same rows come back
     again = CliRunner().invoke(main, [*args, "--resume"], catch_exceptions=False)
     assert again.exit_code == 0, again.output
-    assert "done already" in again.output
+    assert "done already" in again.output and "retrieval accuracy at" not in again.output
+
+
+def test_planted_fact_sits_at_its_depth_in_whole_words() -> None:
+    from pccpu.bench.retrieval import fact, plant
+
+    doc = " ".join(f"Sentence number {i} is here." for i in range(40))
+    for depth in (0.25, 0.5, 0.75):
+        planted = plant(doc, fact(0), depth)
+        at = planted.index(fact(0))
+        assert abs(at / len(doc) - depth) < 0.05
+        assert planted[at - 2 : at] == ". " and planted.replace(fact(0) + " ", "") == doc

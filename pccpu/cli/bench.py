@@ -29,8 +29,11 @@ def _list(value: str | None) -> list[str] | None:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"),
               show_default=True, help="Results folder.")
 @click.option("--resume", is_flag=True, help="Keep results.jsonl and measure only the rows it lacks.")
+@click.option("--no-retrieval", is_flag=True,
+              help="Skip the retrieval-accuracy task (planted facts, full prefill vs cached answers) per model.")
 def bench(quick: bool, models: str | None, sizes: str | None, workloads: str | None, systems: str | None,
-          runs: int | None, warmup: int | None, threads: int | None, out: Path, resume: bool) -> None:
+          runs: int | None, warmup: int | None, threads: int | None, out: Path, resume: bool,
+          no_retrieval: bool) -> None:
     """Measure TTFT on the prefix, modular and parameterized workloads; write results.jsonl, results.json,
     results.md and charts to --out."""
     from pccpu.bench.report import write_reports
@@ -60,6 +63,7 @@ def bench(quick: bool, models: str | None, sizes: str | None, workloads: str | N
             # --quick: a system that decodes the whole context (full prefill, a prefix cache that cannot reuse it)
             # is sampled once, as the full bench does above 2K; the cached systems get the warm-up and the runs.
             slow_above=256 if quick else 2048,
+            retrieval=not no_retrieval,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

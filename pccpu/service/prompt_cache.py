@@ -282,7 +282,8 @@ class PromptCache:
     def ask(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> Result:
         """Answer a prompt; ``cache=False`` answers it by full prefill of the same tokens (the baseline).
 
-        Options: max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed, add_generation_prompt.
+        Options: max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed, add_generation_prompt,
+        keep_logits (the next-token logits after the prompt in ``Result.first_logits``, for fidelity checks).
         """
         outcome_box: list[Result] = []
         for _ in self._answer(prompt, cache, outcome_box, **options):
@@ -314,7 +315,7 @@ class PromptCache:
 
     def _answer(self, prompt: str | Path, cache: bool, box: list[Result] | None, *, max_tokens: int = 128,
                 stop: tuple[str, ...] | list[str] = (), add_generation_prompt: bool | None = None,
-                **sampling: Any) -> Iterator[str]:
+                keep_logits: bool = False, **sampling: Any) -> Iterator[str]:
         generation = GenerationSettings(max_tokens=max_tokens, stop=tuple(stop), sampling=SamplingSettings(**sampling))
         with self._exclusive():
             started = time.perf_counter()
@@ -326,6 +327,7 @@ class PromptCache:
                 logits, next_position, uses = self._prefill_cached(plan, timings)
             else:
                 logits, next_position, uses = self._prefill_baseline(plan, timings)
+            first_logits = logits.copy() if keep_logits else None  # generation reuses the logits buffer
             # the prompt's tokens matter to the repeat penalty only; building them costs ~1 ms at 8K tokens
             history = list(plan.baseline_tokens()) if generation.sampling.repeat_penalty != 1.0 else []
             outcome = GenerationOutcome()
@@ -350,7 +352,7 @@ class PromptCache:
                     uncached_tokens=plan.cached_tokens + plan.uncached_tokens - cached,
                     prompt_tokens=plan.cached_tokens + plan.uncached_tokens,
                     generated_tokens=len(outcome.tokens), finish_reason=outcome.finish_reason, modules=uses,
-                    timings=timings, cached=cache,
+                    timings=timings, cached=cache, first_logits=first_logits,
                 ))
 
     def _prefill_cached(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse]]:

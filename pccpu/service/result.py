@@ -31,10 +31,14 @@ class Result:
     modules: list[ModuleUse] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)  # parse/lookup/encode/restore/decode/... in ms
     cached: bool = True  # False for a full-prefill (baseline) answer
+    # the next-token logits after the prompt (float32 over the vocabulary), kept when asked (ask(keep_logits=True))
+    first_logits: Any = field(default=None, repr=False, compare=False)
 
     @property
     def hits(self) -> int:
         return sum(1 for m in self.modules if m.source in ("ram", "disk"))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("first_logits")
+        return out
