@@ -19,6 +19,7 @@ from typing import Any
 
 from pccpu.bench import machine
 from pccpu.bench.corpus import corpus_text
+from pccpu.bench.retrieval import run_retrieval
 from pccpu.bench.systems import (
     SYSTEMS,
     LlamaCacheSide,
@@ -49,7 +50,7 @@ class BenchConfig:
     out: Path = Path("bench/results")
     resume: bool = False
     slow_above: int = 2048
-    retrieval: bool = True  # the retrieval-accuracy task (retrieval.py) per model, at the smallest size
+    retrieval: bool = True  # the retrieval-accuracy questions (retrieval.py) on the modular row of the smallest size
 
     def __post_init__(self) -> None:
         unknown = [w for w in self.workloads if w not in WORKLOADS] + [s for s in self.systems if s not in SYSTEMS]
@@ -155,27 +156,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> Path:
                     rows = measure_row(config, str(path), workload, todo, common)
                     append_records(results, rows)
                     done |= done_keys(rows)
-            size = min(config.sizes)
-            if config.retrieval and not any(r.get("kind") == "quality" and r.get("model") == model_name
-                                            and r.get("size") == size for r in load_records(results)):
-                say(f"{model_name} retrieval accuracy at {size} tokens: full prefill and cached answers")
-                record = measure_retrieval(config, str(path), size, corpus, tokenize, detokenize)
-                append_records(results, [dict(record, kind="quality", model=model_name, size=size,
-                                              time=time.time())])
     return results
-
-
-def measure_retrieval(config: BenchConfig, model_path: str, size: int, corpus: str, tokenize: Any,
-                      detokenize: Any) -> dict[str, Any]:
-    """The retrieval task (``retrieval.py``) on a fresh PromptCache with the bench's settings, RAM only."""
-    from pccpu.bench.retrieval import build_retrieval, run_retrieval
-    from pccpu.service.prompt_cache import PromptCache
-
-    task = build_retrieval(size, corpus, tokenize, detokenize)
-    settings = RunSettings(model_path, -(-(size * 3 // 2 + 512) // 256) * 256, config.threads)
-    kwargs = dict(settings.prompt_cache_kwargs(), persist=False, store_dir=None)
-    with PromptCache(model_path, **kwargs) as pc:
-        return run_retrieval(pc, task)
 
 
 def measure_row(config: BenchConfig, model_path: str, workload: Workload, systems: list[str],
@@ -239,6 +220,10 @@ def measure_row(config: BenchConfig, model_path: str, workload: Workload, system
             measured = [s for s in samples[system] if not s["warmup"]]
             rows.append(dict(shared, kind="row", system=system, warmup=counts[system][0],
                              decoded_tokens=decoded[system], samples=measured, **extra[system]))
+        if config.retrieval and workload.retrieval and workload.size == min(config.sizes):
+            # on the row's own PromptCache, after the timed runs: its modules are encoded already
+            quality = run_retrieval(pcs.pc, list(workload.retrieval))
+            rows.append(dict(quality, kind="quality", model=common["model"], size=workload.size, time=time.time()))
         return rows
     finally:
         if llama is not None:

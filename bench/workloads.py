@@ -2,7 +2,8 @@
 
 - ``prefix``: one long document module first, then the question (what every prefix cache handles).
 - ``modular``: three documents of size/2 tokens; the prompt picks the second and third (not the first), so the cached
-  context is ``size`` tokens that do not start the schema (what a prefix cache cannot reuse).
+  context is ``size`` tokens that do not start the schema (what a prefix cache cannot reuse). Each document carries
+  a planted fact, asked about by the retrieval-accuracy questions (``retrieval.py``).
 - ``parameterized``: one template module of ``size`` tokens with a parameter in its middle, filled per request.
 
 Each workload also has a *previous* prompt: what a user of a prefix cache (llama-cpp-python's) would have sent just
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 from pccpu.bench.corpus import Detokenize, Tokenize, documents, exact_tokens_text
+from pccpu.bench.retrieval import plant_facts, questions
 
 WORKLOADS = ("prefix", "modular", "parameterized")
 QUESTION_TOKENS = 16
@@ -39,6 +41,7 @@ class Workload:
     prompt: str  # PML: the measured request
     previous: str  # PML: the request sent before it (warms prefix caches)
     n_ctx: int  # context size that holds the whole schema and the request
+    retrieval: tuple[tuple[str, str], ...] = ()  # (prompt PML, expected answer): planted facts (retrieval.py)
 
     @property
     def key(self) -> str:
@@ -75,12 +78,14 @@ def build_workload(name: str, size: int, corpus: str, tokenize: Tokenize, detoke
         n_ctx = _round_ctx(size + overhead)
     elif name == "modular":
         half = size // 2
-        docs = documents(corpus, 3, half, tokenize, detokenize, first=1)
+        # each document carries a planted fact (one sentence, ~15 tokens) for the retrieval-accuracy task
+        docs = plant_facts(documents(corpus, 3, half, tokenize, detokenize, first=1))
         body = " ".join(f'<module name="doc{i}">{escape(d)}</module>' for i, d in enumerate(docs))
         schema = _schema(schema_name, body)
         prompt = _prompt(schema_name, "<doc1/><doc2/>", q_now)
         previous = _prompt(schema_name, "<doc0/><doc2/>", q_before)
-        n_ctx = _round_ctx(3 * half + overhead)
+        n_ctx = _round_ctx(3 * half + 3 * 16 + overhead)
+        retrieval = tuple((_prompt(schema_name, "<doc1/><doc2/>", q), code) for q, code in questions([1, 2]))
     elif name == "parameterized":
         (doc,) = documents(corpus, 1, size, tokenize, detokenize, first=4)
         words = doc.split(" ")
@@ -94,4 +99,5 @@ def build_workload(name: str, size: int, corpus: str, tokenize: Tokenize, detoke
         n_ctx = _round_ctx(size + PARAMETER_LENGTH + overhead)
     else:
         raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
-    return Workload(name, size, schema_name, schema, prompt, previous, n_ctx)
+    return Workload(name, size, schema_name, schema, prompt, previous, n_ctx,
+                    retrieval if name == "modular" else ())

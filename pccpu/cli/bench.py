@@ -17,8 +17,8 @@ def _list(value: str | None) -> list[str] | None:
 
 @click.command("bench")
 @click.option("--quick", is_flag=True,
-              help="CI smoke run: default model, 512 and 1K tokens, 1 warm-up and 2 runs (one sample for systems "
-                   "that decode the whole context).")
+              help="CI smoke run: default model, prefix and modular workloads, 512 and 1K tokens, 1 warm-up and 2 "
+                   "runs (one sample for systems that decode the whole context).")
 @click.option("--models", help="Comma-separated registry names or .gguf paths (default: all three bench models).")
 @click.option("--sizes", help="Comma-separated cached context sizes in tokens (default 512,1024,2048,4096,8192).")
 @click.option("--workloads", help="Comma-separated: prefix, modular, parameterized (default: all).")
@@ -53,7 +53,7 @@ def bench(quick: bool, models: str | None, sizes: str | None, workloads: str | N
         config = BenchConfig(
             models=_list(models) or ([load_registry().default] if quick else list(DEFAULT_MODELS)),
             sizes=size_list,
-            workloads=_list(workloads) or list(WORKLOADS),
+            workloads=_list(workloads) or (["prefix", "modular"] if quick else list(WORKLOADS)),
             systems=_list(systems) or list(SYSTEMS),
             runs=runs if runs is not None else (2 if quick else 5),
             warmup=warmup if warmup is not None else 1,
