@@ -53,6 +53,15 @@ def test_ask_streams_and_no_cache_gives_the_same_greedy_answer(runner: CliRunner
     assert cached.stdout.strip() and cached.stdout == baseline.stdout
 
 
+def test_ask_with_resident_modules_gives_the_same_answer(runner: CliRunner) -> None:
+    args = ["ask", str(SCHEMAS / "demo_prompt.xml"), "--schema", str(SCHEMAS / "demo.xml"), "--n-ctx", "2048",
+            "--max-tokens", "12", "--no-persist"]
+    plain = runner.invoke(main, args)
+    resident = runner.invoke(main, [*args, "--resident-mb", "16"])
+    assert plain.exit_code == 0 and resident.exit_code == 0, plain.output + resident.output
+    assert resident.stdout.strip() and resident.stdout == plain.stdout
+
+
 def test_demo_prints_measured_ttfts(runner: CliRunner) -> None:
     result = runner.invoke(main, ["demo", "--max-tokens", "8", "--n-ctx", "2048"])
     assert result.exit_code == 0, result.output
@@ -67,6 +76,7 @@ def test_demo_prints_measured_ttfts(runner: CliRunner) -> None:
         (["ask", str(SCHEMAS / "demo_prompt.xml"), "--schema", str(SCHEMAS / "travel.xml")], "demo"),
         (["ask", str(SCHEMAS / "demo_prompt.xml"), "--n-ctx", "256"], "n_ctx"),
         (["ask", str(SCHEMAS / "demo_prompt.xml"), "--model", "no-such-model"], "no-such-model"),
+        (["ask", str(SCHEMAS / "demo_prompt.xml"), "--gpu-layers", "lots"], "GPU layers must be"),
     ],
 )
 def test_ask_errors_are_one_line_messages(runner: CliRunner, args: list[str], message: str) -> None:
@@ -74,4 +84,14 @@ def test_ask_errors_are_one_line_messages(runner: CliRunner, args: list[str], me
     assert result.exit_code != 0
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_gpu_layers_on_a_cpu_build_is_a_one_line_error(runner: CliRunner) -> None:
+    from pccpu.engine import gpu_offload_supported
+
+    if gpu_offload_supported():
+        pytest.skip("this build has a GPU backend: tests/test_cuda.py covers offload")
+    result = runner.invoke(main, ["ask", str(SCHEMAS / "demo_prompt.xml"), "--gpu-layers", "all"])
+    assert result.exit_code != 0 and "no GPU backend" in result.output and "PCCPU_BACKEND=cuda" in result.output
     assert "Traceback" not in result.output

@@ -86,6 +86,8 @@ class ContextSettings:
         """
         material = {
             "placement": placement,
+            # with GPU layers, attention runs where the KV cache is: on the GPU or, with offload_kqv off, the CPU
+            "kv_on_host": None if placement == "cpu" else not self.offload_kqv,
             "type_k": self.type_k,
             "type_v": self.type_v,
             "flash_attn": self.flash_attn,  # changes V's layout in the cache

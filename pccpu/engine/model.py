@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ def parse_gpu_layers(value: str | int) -> int:
         number = value
     elif isinstance(value, str) and value.strip().lower() in ("all", "none"):
         return ALL_LAYERS if value.strip().lower() == "all" else 0
-    elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    elif isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
         number = int(value)
     else:
         raise InvalidArgumentError(f"GPU layers must be 'all', 'none' or a number of layers, got {value!r}")

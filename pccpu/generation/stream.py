@@ -52,8 +52,11 @@ def generate(
     settings: GenerationSettings,
     history: Sequence[int] = (),
     outcome: GenerationOutcome | None = None,
+    n_ctx: int | None = None,
 ) -> Iterator[str]:
-    """Yield text pieces. ``first_logits`` are the logits after the last prompt token."""
+    """Yield text pieces. ``first_logits`` are the logits after the last prompt token; generation stops at position
+    ``n_ctx`` (default: the context's size; less when part of the context is reserved for resident modules)."""
+    limit = context.n_ctx if n_ctx is None else min(n_ctx, context.n_ctx)
     outcome = outcome if outcome is not None else GenerationOutcome()
     sampler = Sampler(settings.sampling)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -83,7 +86,7 @@ def generate(
             if len(outcome.tokens) == settings.max_tokens:
                 outcome.finish_reason = "length"
                 break
-            if position >= context.n_ctx:
+            if position >= limit:
                 outcome.finish_reason = "context"
                 break
             started = time.perf_counter()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pccpu.engine import LlamaContext
-from pccpu.errors import EngineError
+from pccpu.errors import EngineError, StateError
 from pccpu.pml import CachedPiece, PromptPlan, UncachedPiece
 from pccpu.service.resident import ResidentModules
 from pccpu.store import StoredModule
@@ -43,6 +43,12 @@ class ModuleSource:
     entry: StoredModule
     shift: int
     ranges: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        runs = len(self.entry.meta.get("run_bytes") or [0])
+        if runs != len(self.ranges):
+            raise StateError(f"stored module {self.entry.key.file_stem} holds {runs} text run(s) where the schema "
+                             f"has {len(self.ranges)}; clear the cache (pccpu cache clear)")
 
     def run_of(self, piece: CachedPiece) -> int:
         for index, (p0, p1) in enumerate(self.ranges):
@@ -119,6 +125,8 @@ def assemble(
                         )
                     state = source.entry.runs()[run[1]]
                     started = time.perf_counter()
+                    if reserved is None:
+                        scratch_of[run] = seq  # released by the finally below if anything fails from here
                     context.state_seq_set(seq, state)
                     if reserved is not None:
                         residents.admit(key, reserved, p1 - p0)  # type: ignore[union-attr]

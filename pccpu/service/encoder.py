@@ -62,15 +62,13 @@ def encode_pass(
     progress: ProgressCallback | None = None,
     done_before: int = 0,
     total: int = 0,
-    keep: list[int] | None = None,
 ) -> list[EncodedModule]:
-    """Decode the pass into ``work_seq`` and return each saved module's state; ``keep``: sequences (resident
-    modules) the cache is cleared around."""
+    """Decode the pass into ``work_seq`` from a cleared cache and return each saved module's state."""
     started = time.perf_counter()
     first_saved = encode_pass.first_saved
     before = [c for c in encode_pass.cells if c[0] < first_saved]
     after = [c for c in encode_pass.cells if c[0] >= first_saved]
-    context.clear(keep=keep or ())  # nothing else lives in the KV between requests: a full prefill's cells
+    context.clear()  # nothing else lives in the KV between requests; same cells as a full prefill would use
     done = done_before
     try:
         if before:

@@ -227,6 +227,10 @@ class PromptCache:
             # another process may have encoded them while this one waited for the lock
             missing = list(paths) if force else [p for p in paths if not self._stored(entry, p)]
             indices = sorted({entry.pass_of[p] for p in missing})
+            if indices and len(self.residents):
+                # encode from a cleared cache, as everywhere: cells placed around resident runs would give slightly
+                # other states under the same key (without flash attention results depend on cell placement)
+                self.residents.clear()
             total = sum(len(entry.passes[i].cells) for i in indices)
             done = 0
             for i in indices:
@@ -240,8 +244,7 @@ class PromptCache:
     def _run_pass(self, entry: _Schema, encode_plan: EncodePass, progress: ProgressCallback | None, done: int,
                   total: int) -> None:
         encoded = encode_pass(self.runtime.context, encode_plan, work_seq=WORK_SEQ, save_seq=SAVE_SEQ,
-                              stats=self.encode_stats, progress=progress, done_before=done, total=total,
-                              keep=self.residents.seq_ids)
+                              stats=self.encode_stats, progress=progress, done_before=done, total=total)
         for module in encoded:
             key = entry.keys[module.cells.path]
             meta = dict(self._expect(), schema=entry.layout.name, module=module.cells.path, mode=self.mode,
@@ -332,7 +335,7 @@ class PromptCache:
             history = list(plan.baseline_tokens()) if generation.sampling.repeat_penalty != 1.0 else []
             outcome = GenerationOutcome()
             pieces = generate(ctx, self.runtime.model, logits, seq_id=REQUEST_SEQ, next_position=next_position,
-                              settings=generation, history=history, outcome=outcome)
+                              settings=generation, history=history, outcome=outcome, n_ctx=self.n_ctx)
             ttft_ms: float | None = None
             try:
                 for piece in pieces:

@@ -83,15 +83,17 @@ class ResidentModules:
     def reserve(self, key: RunKey, n_cells: int, *, protect: frozenset[RunKey] = frozenset()) -> int | None:
         """A sequence id to restore the run into, after dropping least recently used runs (never those in
         ``protect``) until it fits; None when it cannot fit. Call ``admit`` once the restore succeeded."""
-        if not self.enabled or n_cells > self.budget_cells:
-            self.stats.refused += 1
+        evictable = [k for k in self._runs if k not in protect]
+        kept_cells = sum(self._runs[k][1] for k in self._runs if k in protect)
+        if not self.enabled or kept_cells + n_cells > self.budget_cells or \
+                (not self._free and not evictable):
+            self.stats.refused += 1  # cannot fit even after dropping every other run: drop nothing
             return None
-        for old in list(self._runs):
+        for old in evictable:  # least recently used first
             if self._cells + n_cells <= self.budget_cells and self._free:
                 break
-            if old not in protect:
-                self._drop(old)
-                self.stats.evicted += 1
+            self._drop(old)
+            self.stats.evicted += 1
         if self._cells + n_cells > self.budget_cells or not self._free:
             self.stats.refused += 1
             return None
@@ -99,6 +101,8 @@ class ResidentModules:
 
     def admit(self, key: RunKey, seq_id: int, n_cells: int) -> None:
         """Record that ``seq_id`` (from ``reserve``) now holds the run."""
+        if key in self._runs:
+            raise ValueError(f"run {key[0].file_stem}#{key[1]} is resident already")
         self._free.remove(seq_id)
         self._runs[key] = (seq_id, n_cells)
         self._cells += n_cells
@@ -108,6 +112,7 @@ class ResidentModules:
         """Drop every resident run."""
         for key in list(self._runs):
             self._drop(key)
+            self.stats.evicted += 1
 
     def _drop(self, key: RunKey) -> None:
         seq_id, n_cells = self._runs.pop(key)
