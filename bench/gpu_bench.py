@@ -159,13 +159,9 @@ def measure_shape(model_path: Path, sizes: list[int], runs: int, corpus: str, n_
 
 def fidelity(model: str, corpus: str, size: int = 1024, generated: int = 32) -> dict[str, Any]:
     """First-token KL and greedy agreement of the host and resident paths against full prefill, on the GPU."""
+    from pccpu.bench.fidelity import kl_divergence as kl
     from pccpu.bench.workloads import build_workload
     from pccpu.service.prompt_cache import PromptCache
-
-    def kl(p: np.ndarray, q: np.ndarray) -> float:
-        lp = p - p.max() - np.log(np.exp(p - p.max()).sum())
-        lq = q - q.max() - np.log(np.exp(q - q.max()).sum())
-        return float((np.exp(lp) * (lp - lq)).sum())
 
     out: dict[str, Any] = {"model": model, "size": size}
     for layers in ("all", "none"):

@@ -69,12 +69,9 @@ def first_token_kl(reference: Any, other: Any) -> float | None:
     """KL(reference || other) of two next-token distributions given as logits; None when one is missing."""
     if reference is None or other is None:
         return None
-    import numpy as np
+    from pccpu.bench.fidelity import kl_divergence
 
-    p, q = np.asarray(reference, dtype=np.float64), np.asarray(other, dtype=np.float64)
-    lp = p - p.max() - np.log(np.exp(p - p.max()).sum())
-    lq = q - q.max() - np.log(np.exp(q - q.max()).sum())
-    return float((np.exp(lp) * (lp - lq)).sum())
+    return kl_divergence(reference, other)
 
 
 def longest_prefix(a: list[int], b: list[int]) -> int:

@@ -110,6 +110,7 @@ def assemble(
                 seq = residents.get(key) if use_resident else None  # type: ignore[union-attr]
                 if seq is not None:
                     resident_runs.add(run)
+                    scratch_of[run] = seq
                 else:
                     p0, p1 = source.ranges[run[1]]
                     reserved = (residents.reserve(key, p1 - p0, protect=plan_keys)  # type: ignore[union-attr]
@@ -123,10 +124,9 @@ def assemble(
                             f"more than {len(scratch_seqs)} module runs are open at once in this prompt; create "
                             "the PromptCache with a larger n_seq_max"
                         )
+                    scratch_of[run] = seq  # released by the finally below if anything fails from here
                     state = source.entry.runs()[run[1]]
                     started = time.perf_counter()
-                    if reserved is None:
-                        scratch_of[run] = seq  # released by the finally below if anything fails from here
                     context.state_seq_set(seq, state)
                     if reserved is not None:
                         residents.admit(key, reserved, p1 - p0)  # type: ignore[union-attr]
@@ -135,7 +135,6 @@ def assemble(
                         context.seq_add(seq, -1, -1, source.shift)
                     timings.restore_ms += (time.perf_counter() - started) * 1000
                     timings.restored_bytes += state.nbytes
-                scratch_of[run] = seq
             started = time.perf_counter()
             if piece.shift:
                 context.seq_add(seq, piece.schema_start, piece.schema_start + piece.length, piece.shift)
