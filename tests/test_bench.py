@@ -40,6 +40,7 @@ def test_summary_speedup_and_ratio_to_bound() -> None:
     assert ram["speedup"] == pytest.approx(1000 / 12)
     assert ram["bound_ms"] == pytest.approx(10.0 + 500 * 1000 / 1e9 * 1000)  # decode + 0.5 MB at 1 GB/s
     assert rows["pccpu-disk"]["bound_ms"] == pytest.approx(10.0 + 500 * 1000 / 5e8 * 1000)  # disk bandwidth
+    assert ram["bound_speedup"] == pytest.approx(1000 / 10.5) and rows["full"]["bound_speedup"] is None
     group = summary["groups"][0]
     assert group["overhead_ms"] == pytest.approx(2.1)
     assert group["stored_bytes_per_cached_token"] == 1000
@@ -51,7 +52,7 @@ def test_markdown_table_has_one_line_per_row() -> None:
     text = render_markdown(summary)
     lines = [line for line in text.splitlines() if line.startswith("| prefix | m |")]
     assert len(lines) == 3  # two TTFT rows and one metrics row
-    assert "| pccpu-ram | 11.5 [11.0-12.0] | 87.0x | 1.1x |" in text
+    assert "| pccpu-ram | 11.5 [11.0-12.0] | 87.0x | 1.1x | 95.2x |" in text  # bound 10.5 ms: 1000 / 10.5
     assert "1000 [1000-1000] (n=1)" in text
 
 
