@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
     settings = RunSettings(**job["settings"])
     samples = []
-    with PromptCache(settings.model_path, **settings.prompt_cache_kwargs()) as pc:
+    # a fresh process has no previous answer to reuse: every ask restores its modules from the disk tier
+    with PromptCache(settings.model_path, reuse_previous=False, **settings.prompt_cache_kwargs()) as pc:
         pc.add_schema(job["schema"], encode=False)
         ctx = pc.runtime.context
         ctx.decode([max(pc.runtime.model.bos_token, 0)], seq_id=REQUEST_SEQ, start=0, logits="none")

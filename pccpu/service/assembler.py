@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,8 @@ def assemble(
     scratch_seqs: list[int],
     timings: AssemblyTimings,
     residents: ResidentModules | None = None,
+    keep_request_below: int | None = None,
+    protect: frozenset[tuple[Any, int]] = frozenset(),
 ) -> tuple[np.ndarray, int]:
     """Fill ``request_seq`` with the plan's prompt; return the logits after its last token and the position where
     generation continues.
@@ -77,14 +80,24 @@ def assemble(
 
     With ``residents``, a run used at its stored position is taken from (or restored into) a resident sequence
     and stays there after the request (see ``resident.py``); the cache is then cleared around resident runs.
+
+    With ``keep_request_below``, ``request_seq`` already holds the plan's earlier cells (the previous request's,
+    see ``reuse.py``): its cells from that position on are dropped and ``plan`` is only what follows; ``protect``
+    then names the runs of the whole prompt (see ``plan_run_keys``), so that no resident run it uses is evicted.
     """
-    # start from the first cell, as a full prefill of the same prompt does (see LlamaContext.clear)
-    context.clear(keep=residents.seq_ids if residents is not None else ())
+    keep = list(residents.seq_ids) if residents is not None else []
+    if keep_request_below is None:
+        # start from the first cell, as a full prefill of the same prompt does (see LlamaContext.clear)
+        context.clear(keep=keep)
+    else:
+        # llama.cpp searches for free cells from the first one freed: the rest lands right after the kept cells
+        context.clear(keep=[*keep, request_seq])
+        context.seq_rm(request_seq, keep_request_below, -1)
     run_of = {id(p): (p.module, sources[p.module].run_of(p)) for p in plan.pieces if isinstance(p, CachedPiece)}
     remaining = Counter(run_of.values())
     # runs that move in this prompt are restored into a private scratch: seq_add moves a cell for all its holders
     moving = {run_of[id(p)] for p in plan.pieces if isinstance(p, CachedPiece) and (p.shift or sources[p.module].shift)}
-    plan_keys = frozenset((sources[module].entry.key, index) for module, index in remaining)
+    plan_keys = plan_run_keys(plan, sources) | protect
     resident_runs: set[tuple[str, int]] = set()
     scratch_of: dict[tuple[str, int], int] = {}
     free = list(scratch_seqs)
@@ -155,6 +168,12 @@ def assemble(
             if run not in resident_runs:
                 context.seq_rm(seq)
     return logits, plan.next_position
+
+
+def plan_run_keys(plan: PromptPlan, sources: dict[str, ModuleSource]) -> frozenset[tuple[Any, int]]:
+    """(stored state key, run index) of every module run the plan uses."""
+    return frozenset((sources[p.module].entry.key, sources[p.module].run_of(p))
+                     for p in plan.pieces if isinstance(p, CachedPiece))
 
 
 def _redecode_last(

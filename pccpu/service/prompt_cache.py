@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pccpu.engine import ContextSettings, parse_gpu_layers
 from pccpu.errors import (
@@ -49,16 +49,28 @@ from pccpu.pml import (
     resolve_prompt,
 )
 from pccpu.roles import Role, RoleTag
-from pccpu.service.assembler import AssemblyTimings, ModuleSource, assemble
+from pccpu.service.assembler import AssemblyTimings, ModuleSource, assemble, plan_run_keys
 from pccpu.service.encoder import EncodeStats, ProgressCallback, encode_pass
 from pccpu.service.passes import ContextMode, EncodePass, cached_modules, check_mode, plan_passes
 from pccpu.service.prompt_builder import Selection, build_prompt_xml
 from pccpu.service.resident import ResidentModules
 from pccpu.service.result import ModuleUse, Result, Source
+from pccpu.service.reuse import CellTrace, StateIds, common_prefix, plan_after, trace_plan
 from pccpu.service.runtime import Runtime
 from pccpu.store import EntryKey, ModuleStore, StoredModule, content_key
 
 logger = logging.getLogger(__name__)
+
+
+class Prefill(NamedTuple):
+    """A prompt in the request sequence: the logits after it and what it took."""
+
+    logits: Any
+    next_position: int  # where generation continues
+    uses: list[ModuleUse]
+    trace: CellTrace | None  # what the request's cells hold, for the next prompt to reuse (None: not reusable)
+    reused: int = 0  # cells held from the previous answer
+    reused_decoded: int = 0  # of those, cells that had been decoded (not restored)
 
 REQUEST_SEQ, WORK_SEQ, SAVE_SEQ, FIRST_SCRATCH_SEQ = 0, 1, 2, 3
 
@@ -97,6 +109,7 @@ class PromptCache:
         offload_kqv: bool = True,
         resident_budget: int = 0,
         resident_slots: int = 64,
+        reuse_previous: bool = True,
     ) -> None:
         self.mode: ContextMode = check_mode(mode)
         if n_seq_max < FIRST_SCRATCH_SEQ + 1:
@@ -138,6 +151,10 @@ class PromptCache:
         opening = self.runtime.roles.generation_prompt  # the assistant's turn, opened after a user turn
         self._generation_prompt = tuple(self.runtime.model.tokenize(opening)) if opening else ()
         self._schemas: dict[str, _Schema] = {}
+        # the last answer's cells, left in the request sequence for the next prompt to reuse (see reuse.py)
+        self.reuse_previous = reuse_previous
+        self._kept: CellTrace | None = None
+        self._state_ids = StateIds()
         self._lock = threading.Lock()
         self.encode_stats = EncodeStats()
 
@@ -227,6 +244,8 @@ class PromptCache:
             # another process may have encoded them while this one waited for the lock
             missing = list(paths) if force else [p for p in paths if not self._stored(entry, p)]
             indices = sorted({entry.pass_of[p] for p in missing})
+            if indices:
+                self._kept = None  # encoding clears the cache
             if indices and len(self.residents):
                 # encode from a cleared cache, as everywhere: cells placed around resident runs would give slightly
                 # other states under the same key (without flash attention results depend on cell placement)
@@ -305,6 +324,7 @@ class PromptCache:
         with self._exclusive():
             plan = self.plan(prompt, add_generation_prompt=add_generation_prompt)
             timings: dict[str, float] = {}
+            self._kept = None
             try:
                 prefill = self._prefill_cached if cache else self._prefill_baseline
                 return prefill(plan, timings)[0]
@@ -326,10 +346,8 @@ class PromptCache:
             plan = self.plan(prompt, add_generation_prompt=add_generation_prompt)
             timings["parse_ms"] = (time.perf_counter() - started) * 1000
             ctx = self.runtime.context
-            if cache:
-                logits, next_position, uses = self._prefill_cached(plan, timings)
-            else:
-                logits, next_position, uses = self._prefill_baseline(plan, timings)
+            prefill = self._prefill_cached(plan, timings) if cache else self._prefill_baseline(plan, timings)
+            logits, next_position, trace = prefill.logits, prefill.next_position, prefill.trace
             first_logits = logits.copy() if keep_logits else None  # generation reuses the logits buffer
             # the prompt's tokens matter to the repeat penalty only; building them costs ~1 ms at 8K tokens
             history = list(plan.baseline_tokens()) if generation.sampling.repeat_penalty != 1.0 else []
@@ -337,28 +355,39 @@ class PromptCache:
             pieces = generate(ctx, self.runtime.model, logits, seq_id=REQUEST_SEQ, next_position=next_position,
                               settings=generation, history=history, outcome=outcome, n_ctx=self.n_ctx)
             ttft_ms: float | None = None
+            finished = False
             try:
                 for piece in pieces:
                     if ttft_ms is None:
                         ttft_ms = (time.perf_counter() - started) * 1000
                     yield piece
+                finished = True
             finally:
                 pieces.close()
-                ctx.seq_rm(REQUEST_SEQ)
+                if finished and trace is not None and self.reuse_previous:
+                    # the generated tokens decoded into the request follow the prompt's cells
+                    answered = ctx.seq_pos_max(REQUEST_SEQ) + 1 - next_position
+                    self._kept = trace.extended(outcome.tokens[:max(answered, 0)], next_position)
+                else:
+                    ctx.seq_rm(REQUEST_SEQ)
             if ttft_ms is None:  # nothing streamed (end of generation first): the first sample still happened
                 ttft_ms = (time.perf_counter() - started) * 1000
             timings["generate_ms"] = outcome.decode_ms
-            cached = plan.cached_tokens if cache else 0
+            prompt_tokens = plan.cached_tokens + plan.uncached_tokens
+            # prompt = restored from stored states + decoded now + held from the previous answer
+            cached = plan.cached_tokens - (prefill.reused - prefill.reused_decoded) if cache else 0
             if box is not None:
                 box.append(Result(
                     text=outcome.text, ttft_ms=ttft_ms, cached_tokens=cached,
-                    uncached_tokens=plan.cached_tokens + plan.uncached_tokens - cached,
-                    prompt_tokens=plan.cached_tokens + plan.uncached_tokens,
-                    generated_tokens=len(outcome.tokens), finish_reason=outcome.finish_reason, modules=uses,
-                    timings=timings, cached=cache, first_logits=first_logits,
+                    uncached_tokens=prompt_tokens - cached - prefill.reused, prompt_tokens=prompt_tokens,
+                    generated_tokens=len(outcome.tokens), finish_reason=outcome.finish_reason, modules=prefill.uses,
+                    timings=timings, cached=cache, first_logits=first_logits, reused_tokens=prefill.reused,
                 ))
 
-    def _prefill_cached(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse]]:
+    def _prefill_cached(self, plan: PromptPlan, timings: dict[str, float]) -> Prefill:
+        """Assemble ``plan`` in the request sequence, after what the previous answer left there if it began the same
+        way (see reuse.py)."""
+        kept, self._kept = self._kept, None  # the request sequence changes from here on
         entry = self._schema(plan.schema)
         started = time.perf_counter()
         needed = list(dict.fromkeys(p.module for p in plan.pieces if isinstance(p, CachedPiece)))
@@ -376,20 +405,24 @@ class PromptCache:
                     raise ConfigError(f"module {path!r} could not be kept in the store: raise ram_budget")
                 encoded_now.add(path)
         sources = {p: ModuleSource(f[0], f[2], entry.ranges[p]) for p, f in found.items() if f is not None}
+        trace = trace_plan(plan, {p: (s.entry.key.file_stem, s.shift) for p, s in sources.items()}, self._state_ids)
+        # the previous answer's first cells, if this prompt starts the same way (and nothing was encoded since)
+        reused = common_prefix(kept, trace) if kept is not None and self.reuse_previous and not encoded_now else 0
         assembly = AssemblyTimings()
         scratch = list(range(FIRST_SCRATCH_SEQ, self._n_scratch_end))
         try:
-            logits, next_position = assemble(self.runtime.context, plan, sources, request_seq=REQUEST_SEQ,
-                                             scratch_seqs=scratch, timings=assembly, residents=self.residents)
+            logits, next_position = self._assemble(plan, sources, scratch, assembly, trace, reused)
         except (StateError, NoKvSlotError) as exc:
-            if not len(self.residents):
+            if not len(self.residents) and not reused:
                 raise
-            # resident runs can leave no contiguous room for a restore: drop them all and assemble again
-            logger.info("no room beside %d resident run(s) (%s); dropping them", len(self.residents), exc)
+            # resident runs (or the reused cells) can leave no contiguous room for a restore: drop them all and
+            # assemble from a cleared cache
+            logger.info("no room beside %d resident run(s) and %d reused cells (%s); dropping them",
+                        len(self.residents), reused, exc)
             self.residents.clear()
+            reused = 0
             assembly = AssemblyTimings()
-            logits, next_position = assemble(self.runtime.context, plan, sources, request_seq=REQUEST_SEQ,
-                                             scratch_seqs=scratch, timings=assembly, residents=self.residents)
+            logits, next_position = self._assemble(plan, sources, scratch, assembly, trace, reused)
         timings.update(restore_ms=assembly.restore_ms, copy_ms=assembly.copy_ms, decode_ms=assembly.decode_ms)
         cached_tokens: Counter[str] = Counter()
         for piece in plan.pieces:
@@ -403,16 +436,32 @@ class PromptCache:
         for piece in plan.pieces:
             if isinstance(piece, UncachedPiece) and piece.kind == "uncached_module" and piece.module:
                 uses.append(ModuleUse(piece.module, "uncached", piece.length))
-        return logits, next_position, uses
+        # a prompt that ends with a cached piece has its last token decoded again, maybe at another position
+        reusable = next_position == plan.next_position and isinstance(plan.pieces[-1], UncachedPiece)
+        return Prefill(logits, next_position, uses, trace if reusable else None, reused,
+                       trace.decoded_cells(reused))
 
-    def _prefill_baseline(self, plan: PromptPlan, timings: dict[str, float]) -> tuple[Any, int, list[ModuleUse]]:
+    def _assemble(self, plan: PromptPlan, sources: dict[str, ModuleSource], scratch: list[int],
+                  assembly: AssemblyTimings, trace: CellTrace, reused: int) -> tuple[Any, int]:
+        """Assemble the plan, or only what follows its first ``reused`` cells (the request sequence holds them)."""
+        if reused:
+            # positions grow along a plan: the kept cells are exactly those before the first one to assemble
+            keep_below = int(trace.positions[reused - 1]) + 1
+            return assemble(self.runtime.context, plan_after(plan, reused), sources, request_seq=REQUEST_SEQ,
+                            scratch_seqs=scratch, timings=assembly, residents=self.residents,
+                            keep_request_below=keep_below, protect=plan_run_keys(plan, sources))
+        return assemble(self.runtime.context, plan, sources, request_seq=REQUEST_SEQ, scratch_seqs=scratch,
+                        timings=assembly, residents=self.residents)
+
+    def _prefill_baseline(self, plan: PromptPlan, timings: dict[str, float]) -> Prefill:
+        self._kept = None
         tokens = list(plan.baseline_tokens())
         ctx = self.runtime.context
         ctx.clear(keep=self.residents.seq_ids)
         started = time.perf_counter()
         logits = ctx.decode(tokens, seq_id=REQUEST_SEQ, start=0)
         timings["decode_ms"] = (time.perf_counter() - started) * 1000
-        return logits, len(tokens), []
+        return Prefill(logits, len(tokens), [], None)
 
     # -- helpers -----------------------------------------------------------------------------------------
     def _filler_token(self) -> int:

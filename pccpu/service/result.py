@@ -33,6 +33,8 @@ class Result:
     cached: bool = True  # False for a full-prefill (baseline) answer
     # the next-token logits after the prompt (float32 over the vocabulary), kept when asked (ask(keep_logits=True))
     first_logits: Any = field(default=None, repr=False, compare=False)
+    # prompt cells still held from the previous answer (its prompt began the same way): neither restored nor decoded
+    reused_tokens: int = 0
 
     @property
     def hits(self) -> int:
