@@ -95,8 +95,9 @@ def measure_shape(model_path: Path, sizes: list[int], runs: int, corpus: str, n_
     per_token = header.block_count * header.head_count_kv * head_dim * 2 * 2  # K and V, f16
     budget = int(per_token * (largest + 512))
     n_ctx = -(-(largest + 512) // 256) * 256
+    # reuse_previous=False: host and resident answers alternate on the same prompt, each assembled from scratch
     pc = PromptCache(model_path, n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=gpu_layers, persist=False,
-                     resident_budget=budget, ram_budget=8 * budget)
+                     reuse_previous=False, resident_budget=budget, ram_budget=8 * budget)
     model = pc.runtime.model
     workloads = [build_workload("prefix", n, corpus, model.tokenize, model.detokenize) for n in sizes]
     try:
@@ -165,7 +166,8 @@ def fidelity(model: str, corpus: str, size: int = 1024, generated: int = 32) -> 
 
     out: dict[str, Any] = {"model": model, "size": size}
     for layers in ("all", "none"):
-        pc = PromptCache(model, n_ctx=size + 512, n_gpu_layers=layers, persist=False, resident_budget=64 << 20)
+        pc = PromptCache(model, n_ctx=size + 512, n_gpu_layers=layers, persist=False, resident_budget=64 << 20,
+                         reuse_previous=False)
         try:
             m = pc.runtime.model
             workload = build_workload("prefix", size, corpus, m.tokenize, m.detokenize)

@@ -6,8 +6,8 @@
   computed once per row and put into a fresh cache before every run (a disk hit deletes its entry, and a run's own
   save would otherwise serve the next run). The context is reset before each request, so only the cache can help.
   TTFT is the time to the first streamed chunk of ``create_completion`` (the cache save that follows is not counted).
-- ``pccpu-ram``: a warm ``PromptCache`` whose modules are encoded and in RAM, that has just answered the previous
-  request (it reuses that answer's cells as far as the prompt begins the same way).
+- ``pccpu-ram``: a warm ``PromptCache`` whose modules are encoded and in RAM (``reuse_previous=False``: every answer is
+  assembled from a cleared cache, as the llama-cpp-python side resets its context).
 - ``pccpu-disk``: a fresh process (``disk_worker.py``) that opens a ``PromptCache`` on the same store and answers from
   the disk tier; its model load time is reported apart from TTFT.
 
@@ -93,9 +93,10 @@ class PccpuSide:
 
         self.settings = settings
         self.prompt = prompt
-        self.previous = previous
         self.last_logits: dict[str, Any] = {}  # first-token logits of the last full / pccpu-ram answer
-        self.pc = PromptCache(settings.model_path, **settings.prompt_cache_kwargs())
+        # modules from RAM, every answer assembled from a cleared cache: keeping the previous answer's cells is
+        # in-context reuse, which llama-cpp-python's Llama also does without reset() (not what these rows compare)
+        self.pc = PromptCache(settings.model_path, reuse_previous=False, **settings.prompt_cache_kwargs())
         try:
             self.pc.store.clear()
             started = time.perf_counter()
@@ -123,9 +124,6 @@ class PccpuSide:
         return result_sample(result)
 
     def ram(self) -> dict[str, Any]:
-        # as llama-cpp-python's cache, pccpu has just answered the previous request: it reuses that answer's first
-        # cells where the prompt begins the same way (the same prompt twice would reuse all but its last token)
-        self.pc.ask(self.previous, max_tokens=1)
         result = self.pc.ask(self.prompt, max_tokens=1, keep_logits=True)
         self.last_logits["pccpu-ram"] = result.first_logits
         sample = result_sample(result)
