@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import statistics
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -216,9 +215,6 @@ def measure_row(config: BenchConfig, model_path: str, workload: Workload, system
                       prompt_tokens=len(pcs.tokens), kv_bytes_per_token_theory=pcs.kv_bytes_per_token,
                       disk_bandwidth_bytes_per_s=disk_bw, peak_rss_bytes=max(peak_rss, machine.peak_rss_bytes()),
                       time=time.time())
-        for system in ("pccpu-ram", "pccpu-disk"):
-            if samples.get(system):  # what the answers really decoded (pccpu-ram reuses the previous answer's cells)
-                decoded[system] = int(statistics.median(s["uncached_tokens"] for s in samples[system]))
         rows = []
         for system in systems:
             measured = [s for s in samples[system] if not s["warmup"]]

@@ -364,7 +364,7 @@ class PromptCache:
                 finished = True
             finally:
                 pieces.close()
-                if finished and trace is not None and self.reuse_previous:
+                if finished and trace is not None:  # None when reuse is off or the prompt cannot be reused
                     # the generated tokens decoded into the request follow the prompt's cells
                     answered = ctx.seq_pos_max(REQUEST_SEQ) + 1 - next_position
                     self._kept = trace.extended(outcome.tokens[:max(answered, 0)], next_position)
@@ -405,9 +405,10 @@ class PromptCache:
                     raise ConfigError(f"module {path!r} could not be kept in the store: raise ram_budget")
                 encoded_now.add(path)
         sources = {p: ModuleSource(f[0], f[2], entry.ranges[p]) for p, f in found.items() if f is not None}
-        trace = trace_plan(plan, {p: (s.entry.key.file_stem, s.shift) for p, s in sources.items()}, self._state_ids)
+        trace = (trace_plan(plan, {p: (s.entry.key.file_stem, s.shift) for p, s in sources.items()}, self._state_ids)
+                 if self.reuse_previous else None)
         # the previous answer's first cells, if this prompt starts the same way (and nothing was encoded since)
-        reused = common_prefix(kept, trace) if kept is not None and self.reuse_previous and not encoded_now else 0
+        reused = common_prefix(kept, trace) if kept is not None and trace is not None and not encoded_now else 0
         assembly = AssemblyTimings()
         scratch = list(range(FIRST_SCRATCH_SEQ, self._n_scratch_end))
         try:
@@ -439,12 +440,12 @@ class PromptCache:
         # a prompt that ends with a cached piece has its last token decoded again, maybe at another position
         reusable = next_position == plan.next_position and isinstance(plan.pieces[-1], UncachedPiece)
         return Prefill(logits, next_position, uses, trace if reusable else None, reused,
-                       trace.decoded_cells(reused))
+                       trace.decoded_cells(reused) if trace is not None else 0)
 
     def _assemble(self, plan: PromptPlan, sources: dict[str, ModuleSource], scratch: list[int],
-                  assembly: AssemblyTimings, trace: CellTrace, reused: int) -> tuple[Any, int]:
+                  assembly: AssemblyTimings, trace: CellTrace | None, reused: int) -> tuple[Any, int]:
         """Assemble the plan, or only what follows its first ``reused`` cells (the request sequence holds them)."""
-        if reused:
+        if reused and trace is not None:
             # positions grow along a plan: the kept cells are exactly those before the first one to assemble
             keep_below = int(trace.positions[reused - 1]) + 1
             return assemble(self.runtime.context, plan_after(plan, reused), sources, request_seq=REQUEST_SEQ,
