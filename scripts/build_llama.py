@@ -3,8 +3,10 @@
 
 Why this exists: llama-cpp-python compiles llama.cpp at install time. A default build uses
 ``-march=native`` and, on CPUs that advertise AMX but fault on it (some virtual machines), dies with
-SIGILL on the first decode. /proc/cpuinfo cannot tell those CPUs apart, so AMX is only enabled when a
-subprocess that executes a real tile instruction survives.
+SIGILL on the first decode. /proc/cpuinfo cannot tell those CPUs apart, and neither can a small program that
+executes a tile instruction: on the CI machines such a probe exits cleanly while ggml's AMX matmul still dies
+with SIGILL (seen 2026-12). So AMX is off unless asked for (``PCCPU_AMX=1``), and even then only when the probe
+survives. AMX speeds up int8/bf16 matmuls on large Xeon servers; pccpu's latency is dominated by small decodes.
 
 What it does:
 1. Choose CMake arguments: the user's ``CMAKE_ARGS`` when set (used verbatim), else flags detected
@@ -146,7 +148,10 @@ def detect_cmake_args(backend: str = "cpu") -> list[str]:
     args.append("-DGGML_NATIVE=OFF")
     for needed, option in X86_FEATURES:
         args.append(f"-D{option}={'ON' if all(f in flags for f in needed) else 'OFF'}")
-    amx_on = all(f in flags for f, _ in AMX_FEATURES) and amx_really_works()
+    wanted = os.environ.get("PCCPU_AMX", "") == "1"
+    if not wanted and all(f in flags for f, _ in AMX_FEATURES):
+        log("AMX is advertised; it stays off (PCCPU_AMX=1 turns it on where it really works)")
+    amx_on = wanted and all(f in flags for f, _ in AMX_FEATURES) and amx_really_works()
     for _, option in AMX_FEATURES:
         args.append(f"-D{option}={'ON' if amx_on else 'OFF'}")
     return args
