@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     from pccpu.bench.machine import peak_rss_bytes
     from pccpu.bench.systems import RunSettings, result_sample
-    from pccpu.service.prompt_cache import REQUEST_SEQ, PromptCache
+    from pccpu.service import PromptCache
 
     job = json.loads(Path(argv[0]).read_text())
     settings = RunSettings(**job["settings"])
@@ -30,13 +30,11 @@ def main(argv: list[str]) -> int:
     # a fresh process has no previous answer to reuse: every ask restores its modules from the disk tier
     with PromptCache(settings.model_path, reuse_previous=False, **settings.prompt_cache_kwargs()) as pc:
         pc.add_schema(job["schema"], encode=False)
-        ctx = pc.runtime.context
-        ctx.decode([max(pc.runtime.model.bos_token, 0)], seq_id=REQUEST_SEQ, start=0, logits="none")
-        ctx.seq_rm(REQUEST_SEQ)
+        pc.warm_up()
         load_ms = (time.perf_counter() - started) * 1000
         for _ in range(int(job["asks"])):
-            pc.store.clear(ram=True, disk=False)
-            sample = result_sample(pc.ask(job["prompt"], max_tokens=1))
+            pc.clear_store(ram=True, disk=False)
+            sample = result_sample(pc.ask(job["prompt"], max_tokens=1).result())
             if sample["sources"] != ["disk"]:
                 logger.warning("disk-tier run served modules from %s", sample["sources"])
             samples.append(sample)

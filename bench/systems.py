@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pccpu.service.result import Result
+from pccpu.store.entry_file import FILE_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +57,11 @@ def result_sample(result: Result) -> dict[str, Any]:
     stored = [m for m in result.modules if m.source in ("ram", "disk")]
     return {
         "ttft_ms": result.ttft_ms,
-        "timings": dict(result.timings),
+        "timings": asdict(result.timings),
         "first_token": result.text,
         "cached_tokens": result.cached_tokens,
         "uncached_tokens": result.uncached_tokens,
-        "reused_tokens": result.reused_tokens,
+        "reused_tokens": result.session_tokens,
         "prompt_tokens": result.prompt_tokens,
         "state_bytes": sum(m.state_bytes for m in stored),
         "sources": sorted({m.source for m in result.modules}),
@@ -98,33 +99,34 @@ class PccpuSide:
         # in-context reuse, which llama-cpp-python's Llama also does without reset() (not what these rows compare)
         self.pc = PromptCache(settings.model_path, reuse_previous=False, **settings.prompt_cache_kwargs())
         try:
-            self.pc.store.clear()
+            self.pc.clear_store()
             started = time.perf_counter()
             self.pc.add_schema(schema)
             self.encode_ms = (time.perf_counter() - started) * 1000
-            self.encode_tokens = self.pc.encode_stats.tokens
-            self.encode_tokens_per_s = self.pc.encode_stats.tokens_per_second
-            plan = self.pc.plan(prompt)
+            encode = self.pc.stats().encode
+            self.encode_tokens = encode.tokens
+            self.encode_tokens_per_s = encode.tokens_per_second
+            plan = self.pc.plan(prompt).plan
             self.tokens = list(plan.baseline_tokens())
-            self.previous_tokens = list(self.pc.plan(previous).baseline_tokens())
+            self.previous_tokens = list(self.pc.plan(previous).plan.baseline_tokens())
             self.cached_tokens = plan.cached_tokens
             self.uncached_tokens = plan.uncached_tokens
-            self.kv_bytes_per_token = self.pc.settings.kv_bytes_per_token(self.pc.runtime.model)
+            self.kv_bytes_per_token = self.pc.kv_bytes_per_token
         except BaseException:
             self.pc.close()
             raise
 
     def store_files(self) -> list[Path]:
-        disk = self.pc.store.disk
-        return [i.path for i in disk.infos()] if disk is not None else []
+        folder = self.pc.stats().store.disk_path
+        return sorted(Path(folder).glob(f"*{FILE_SUFFIX}")) if folder is not None else []
 
     def full(self) -> dict[str, Any]:
-        result = self.pc.ask(self.prompt, cache=False, max_tokens=1, keep_logits=True)
+        result = self.pc.ask(self.prompt, cache=False, max_tokens=1, keep_logits=True).result()
         self.last_logits["full"] = result.first_logits
         return result_sample(result)
 
     def ram(self) -> dict[str, Any]:
-        result = self.pc.ask(self.prompt, max_tokens=1, keep_logits=True)
+        result = self.pc.ask(self.prompt, max_tokens=1, keep_logits=True).result()
         self.last_logits["pccpu-ram"] = result.first_logits
         sample = result_sample(result)
         if sample["sources"] != ["ram"]:

@@ -2,6 +2,7 @@
 
     PccpuError
     ├── ConfigError                 bad setting, environment variable or option value
+    │   └── OptionError             an unknown or invalid request option (names the valid ones)
     ├── ModelError                  a model that cannot be found, fetched, verified or loaded
     │   ├── UnknownModelError       a name that is neither in the registry nor a path to a .gguf
     │   ├── ModelFetchError         the package registry is unreachable or a download failed
@@ -25,10 +26,17 @@
     │   ├── SourceFileError         a src= file that is missing, unreadable or not UTF-8
     │   ├── PmlStructureError       an element or attribute in a place PML does not allow
     │   └── LayoutOverflowError     a schema or prompt whose positions exceed the model's context
-    ├── BusyError                   a PromptCache called from a second thread while a call is running
+    ├── BusyError                   a PromptCache called while another call (or an unfinished answer) runs
+    ├── SessionError                a session that was closed, or that belongs to another PromptCache
     ├── TemplateError               a chat template that cannot be split into role prefixes and suffixes
+    ├── InternalError               a broken invariant inside pccpu: a bug to report, never the caller's fault
     └── StoreError                  the module store cannot be read or written
-        └── CorruptEntryError       a stored module with a bad magic, version, checksum or key
+        └── CorruptEntryError       a stored module with a bad magic, version, checksum, key or metadata
+
+Who can fix what: ConfigError, OptionError, PmlError and SessionError are the caller's to fix (the message says
+how); ModelError and StoreError concern files on this machine; EngineError means llama.cpp refused something that
+pccpu should have prevented, except NoKvSlotError and ContextOverflowError, which a larger n_ctx fixes. No other
+exception type leaves the library on purpose.
 
 Lower layers raise these directly; the CLI turns them into messages in one place.
 """
@@ -43,6 +51,10 @@ class PccpuError(Exception):
 
 
 class ConfigError(PccpuError):
+    pass
+
+
+class OptionError(ConfigError):
     pass
 
 
@@ -153,7 +165,15 @@ class BusyError(PccpuError):
     pass
 
 
+class SessionError(PccpuError):
+    pass
+
+
 class TemplateError(PccpuError):
+    pass
+
+
+class InternalError(PccpuError):
     pass
 
 

@@ -19,6 +19,9 @@ fi
 "$VENV/bin/python" scripts/build_llama.py
 "$VENV/bin/python" -m pip install --quiet -e ".[test,bench]"
 "$VENV/bin/python" scripts/build_llama.py   # verifies the install above kept our build
-echo "[setup] fetching the default model" >&2
-"$VENV/bin/pccpu" models fetch >&2
+# the registry's default (tests) and the demo's model; the test command asks for the first only
+for name in ${PCCPU_SETUP_MODELS:-smollm2 qwen2.5-coder-0.5b}; do
+    echo "[setup] fetching model $name" >&2
+    "$VENV/bin/pccpu" models fetch "$name" >&2
+done
 echo "[setup] done: run $VENV/bin/pccpu --help" >&2

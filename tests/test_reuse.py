@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from pccpu.bench.fidelity import kl_divergence
 from pccpu.pml import CachedPiece, PromptPlan, UncachedPiece
-from pccpu.service.prompt_cache import PromptCache
+from pccpu.service import PromptCache, Result, Session
 from pccpu.service.reuse import TOKEN, StateIds, common_prefix, plan_after, trace_plan
 
 DOCS_SCHEMA = """<schema name="docs">
@@ -93,17 +94,21 @@ def fresh(default_model_path: Path) -> Iterator[PromptCache]:
 ALL = "<bakery/><station/><park/>"
 
 
+def ask(target: PromptCache | Session, prompt: str, **options: Any) -> Result:
+    return target.ask(prompt, **options).result()
+
+
 def test_prefix_prompt_reuses_modules_and_turn_opening(pc: PromptCache, fresh: PromptCache) -> None:
-    pc.ask(docs_prompt(ALL, "When does the bakery open?"), max_tokens=4)
-    second = pc.ask(docs_prompt(ALL, "Where did the rain flood?"), max_tokens=8, keep_logits=True)
-    reference = fresh.ask(docs_prompt(ALL, "Where did the rain flood?"), max_tokens=8, keep_logits=True)
-    baseline = fresh.ask(docs_prompt(ALL, "Where did the rain flood?"), cache=False, max_tokens=8, keep_logits=True)
-    plan = pc.plan(docs_prompt(ALL, "Where did the rain flood?"))
+    ask(pc, docs_prompt(ALL, "When does the bakery open?"), max_tokens=4)
+    second = ask(pc, docs_prompt(ALL, "Where did the rain flood?"), max_tokens=8, keep_logits=True)
+    reference = ask(fresh, docs_prompt(ALL, "Where did the rain flood?"), max_tokens=8, keep_logits=True)
+    baseline = ask(fresh, docs_prompt(ALL, "Where did the rain flood?"), cache=False, max_tokens=8, keep_logits=True)
+    plan = pc.plan(docs_prompt(ALL, "Where did the rain flood?")).plan
     # every module cell, and the user turn's opening tokens, are held from the first answer
-    assert second.reused_tokens > plan.cached_tokens
+    assert second.session_tokens > plan.cached_tokens
     assert second.cached_tokens == 0
-    assert second.uncached_tokens == second.prompt_tokens - second.reused_tokens
-    assert reference.reused_tokens == 0
+    assert second.uncached_tokens == second.prompt_tokens - second.session_tokens
+    assert reference.session_tokens == 0
     # same cells in the same places: the logits equal those of an answer assembled from scratch, and a full prefill
     assert np.array_equal(second.first_logits, reference.first_logits)
     assert np.array_equal(second.first_logits, baseline.first_logits)
@@ -112,21 +117,21 @@ def test_prefix_prompt_reuses_modules_and_turn_opening(pc: PromptCache, fresh: P
 
 def test_same_prompt_twice_decodes_one_token(pc: PromptCache) -> None:
     prompt = docs_prompt(ALL, "What does the kiosk sell?")
-    first = pc.ask(prompt, max_tokens=6, keep_logits=True)
-    again = pc.ask(prompt, max_tokens=6, keep_logits=True)
-    assert again.reused_tokens == again.prompt_tokens - 1 and again.uncached_tokens == 1
+    first = ask(pc, prompt, max_tokens=6, keep_logits=True)
+    again = ask(pc, prompt, max_tokens=6, keep_logits=True)
+    assert again.session_tokens == again.prompt_tokens - 1 and again.uncached_tokens == 1
     assert np.array_equal(first.first_logits, again.first_logits)
     assert again.text == first.text
 
 
 def test_follow_up_turn_reuses_the_answer(pc: PromptCache, fresh: PromptCache) -> None:
-    first = pc.ask(docs_prompt(ALL, "What does the kiosk sell?"), max_tokens=6)
+    first = ask(pc, docs_prompt(ALL, "What does the kiosk sell?"), max_tokens=6)
     follow = (f'<prompt schema="docs">{ALL}<user>What does the kiosk sell?</user>'
               f"<assistant>{first.text}</assistant><user>And the bakery?</user></prompt>")
-    second = pc.ask(follow, max_tokens=6, keep_logits=True)
-    reference = fresh.ask(follow, max_tokens=6, keep_logits=True)
-    question_tokens = pc.plan(docs_prompt(ALL, "What does the kiosk sell?")).next_position
-    assert second.reused_tokens >= question_tokens  # the first prompt, and the answer where it tokenizes the same
+    second = ask(pc, follow, max_tokens=6, keep_logits=True)
+    reference = ask(fresh, follow, max_tokens=6, keep_logits=True)
+    question_tokens = pc.plan(docs_prompt(ALL, "What does the kiosk sell?")).plan.next_position
+    assert second.session_tokens >= question_tokens  # the first prompt, and the answer where it tokenizes the same
     # the answer's tokens were decoded one at a time, the reference decodes them in one batch: llama.cpp's
     # single-token kernels round differently, so close, not equal
     assert int(np.argmax(second.first_logits)) == int(np.argmax(reference.first_logits))
@@ -134,27 +139,78 @@ def test_follow_up_turn_reuses_the_answer(pc: PromptCache, fresh: PromptCache) -
 
 
 def test_modular_prompt_reuses_only_the_common_start(pc: PromptCache, fresh: PromptCache) -> None:
-    pc.ask(docs_prompt("<bakery/><park/>", "What is new?"), max_tokens=2)
-    second = pc.ask(docs_prompt("<station/><park/>", "What is new?"), max_tokens=6, keep_logits=True)
-    reference = fresh.ask(docs_prompt("<station/><park/>", "What is new?"), max_tokens=6, keep_logits=True)
-    plan = pc.plan(docs_prompt("<station/><park/>", "What is new?"))
+    ask(pc, docs_prompt("<bakery/><park/>", "What is new?"), max_tokens=2)
+    second = ask(pc, docs_prompt("<station/><park/>", "What is new?"), max_tokens=6, keep_logits=True)
+    reference = ask(fresh, docs_prompt("<station/><park/>", "What is new?"), max_tokens=6, keep_logits=True)
+    plan = pc.plan(docs_prompt("<station/><park/>", "What is new?")).plan
     first_piece = plan.pieces[0]
-    assert second.reused_tokens == first_piece.length  # the system text before the first module
+    assert second.session_tokens == first_piece.length  # the system text before the first module
     assert second.cached_tokens == plan.cached_tokens - first_piece.length
     assert np.array_equal(second.first_logits, reference.first_logits)
 
 
-def test_full_prefill_and_encoding_start_over(pc: PromptCache) -> None:
+def test_full_prefill_starts_over_and_encoding_keeps_the_session(pc: PromptCache) -> None:
     prompt = docs_prompt(ALL, "Who sells tea?")
-    encoded_before = pc.encode_stats.tokens
-    pc.ask(prompt, max_tokens=2)
-    assert pc.ask(prompt, cache=False, max_tokens=2).reused_tokens == 0
-    assert pc.ask(prompt, max_tokens=2).reused_tokens == 0  # the full prefill left nothing to reuse
-    pc.ask(prompt, max_tokens=2)
+    held = pc.plan(prompt).plan.next_position - 1  # all but the last cell
+    encoded_before = pc.stats().encode.tokens
+    ask(pc, prompt, max_tokens=2)
+    assert ask(pc, prompt, cache=False, max_tokens=2).session_tokens == 0
+    assert ask(pc, prompt, max_tokens=2).session_tokens == 0  # the full prefill left nothing to reuse
+    ask(pc, prompt, max_tokens=2)
     same_text = DOCS_SCHEMA.replace('name="docs"', 'name="docs2"')
     pc.add_schema(same_text)  # its states are stored already: nothing is encoded, the cells stay valid
-    assert pc.encode_stats.tokens == encoded_before
-    assert pc.ask(prompt, max_tokens=2).reused_tokens == pc.plan(prompt).next_position - 1
-    pc.add_schema(same_text.replace("notes", "memos").replace('name="docs2"', 'name="docs3"'))  # encodes, clears
-    assert pc.encode_stats.tokens > encoded_before
-    assert pc.ask(prompt, max_tokens=2).reused_tokens == 0
+    assert pc.stats().encode.tokens == encoded_before
+    assert ask(pc, prompt, max_tokens=2).session_tokens == held
+    pc.add_schema(same_text.replace("notes", "memos").replace('name="docs2"', 'name="docs3"'))  # encodes
+    assert pc.stats().encode.tokens > encoded_before
+    # encoding cleared the KV cache, but parked the session first: its cells come back
+    assert ask(pc, prompt, max_tokens=2).session_tokens == held
+
+
+# -- sessions ------------------------------------------------------------------------------------------------------
+def test_three_conversations_back_and_forth_are_never_prefilled_again(pc: PromptCache, fresh: PromptCache) -> None:
+    """Three sessions, each a growing conversation, asked in turn: every turn decodes only its new tokens, and its
+    first-token logits equal those of the same conversation asked without switching."""
+    questions = {"a": ["When does the bakery open?", "And on Sundays?"],
+                 "b": ["Where did the rain flood?", "For how long?"],
+                 "c": ["What is new in the park?", "Is there tea?"]}
+    sessions = {name: pc.session(name) for name in questions}
+    history = dict.fromkeys(questions, "")
+    first_prompt_cells: dict[str, int] = {}
+    for turn in range(2):
+        for name, chat in sessions.items():
+            history[name] += f"<user>{questions[name][turn]}</user>"
+            prompt = f'<prompt schema="docs">{ALL}{history[name]}</prompt>'
+            result = ask(chat, prompt, max_tokens=6, keep_logits=True)
+            if not turn:
+                first_prompt_cells[name] = pc.plan(prompt).plan.next_position
+            else:
+                # the whole first prompt (and the answer, where it tokenizes the same) came back from the parked
+                # session: nothing restored from the module store, only the new turn decoded
+                assert result.session_tokens >= first_prompt_cells[name]
+                assert result.cached_tokens == 0
+                # the same conversation on its own, never switched away from
+                alone = fresh.session(f"{name}-alone")
+                reference = ask(alone, prompt, max_tokens=6, keep_logits=True)
+                alone.close()
+                assert int(np.argmax(result.first_logits)) == int(np.argmax(reference.first_logits))
+                assert kl_divergence(reference.first_logits, result.first_logits) < 0.01
+            history[name] += f"<assistant>{result.text}</assistant>"
+    stats = pc.stats().sessions
+    assert stats.parked >= 2 and stats.switches >= 6
+    for chat in sessions.values():
+        chat.close()
+
+
+def test_switching_back_gives_bit_identical_logits(pc: PromptCache) -> None:
+    """A session parked and brought back holds exactly the cells it left: asking the same prompt again gives the
+    same logits as asking it twice without a switch."""
+    prompt = docs_prompt(ALL, "Which street is the bakery on?")
+    other = docs_prompt("<park/>", "Any ducks?")
+    with pc.session() as one, pc.session() as two:
+        ask(one, prompt, max_tokens=3)
+        ask(two, other, max_tokens=3)  # parks one
+        back = ask(one, prompt, max_tokens=3, keep_logits=True)
+        again = ask(one, prompt, max_tokens=3, keep_logits=True)
+    assert back.session_tokens == back.prompt_tokens - 1 and back.timings.switch_ms > 0
+    assert np.array_equal(back.first_logits, again.first_logits)

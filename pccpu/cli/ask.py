@@ -9,8 +9,10 @@ from typing import Any
 
 import click
 
+from pccpu.cli.files import check_input_file, read_input_file
 from pccpu.cli.options import cache_options, open_prompt_cache
-from pccpu.errors import ConfigError, PmlError
+from pccpu.errors import ConfigError
+from pccpu.service.options import GenerationOptions
 
 
 def _progress(done: int, total: int) -> None:
@@ -27,15 +29,15 @@ def encode(schemas: tuple[Path, ...], **opts: Any) -> None:
     """Encode every module of SCHEMAS into the store (modules already stored are skipped)."""
     with open_prompt_cache(**opts) as pc:
         for path in schemas:
-            _check_file(path)
-            before = pc.encode_stats.tokens
+            check_input_file(path)
+            before = pc.stats().encode.tokens
             layout = pc.add_schema(path, progress=_progress)
-            tokens = pc.encode_stats.tokens - before
-            speed = f" at {pc.encode_stats.tokens_per_second:.0f} tokens/s" if tokens else ""
+            encode = pc.stats().encode
+            tokens = encode.tokens - before
+            speed = f" at {encode.tokens_per_second:.0f} tokens/s" if tokens else ""
             click.echo(f"{path}: schema {layout.name}, {len(layout.modules)} modules, encoded {tokens} tokens{speed}")
-        stats = pc.store.stats()
-        click.echo(f"store: {stats['ram']['entries']} modules in RAM, {stats['disk']['entries']} on disk "
-                   f"({stats['disk']['path']})")
+        store = pc.stats().store
+        click.echo(f"store: {store.ram_entries} modules in RAM, {store.disk_entries} on disk ({store.disk_path})")
 
 
 @click.command()
@@ -57,40 +59,24 @@ def ask(prompt: Path, schemas: tuple[Path, ...], max_tokens: int, temperature: f
         min_p: float, repeat_penalty: float, seed: int | None, stop: tuple[str, ...], no_cache: bool,
         as_json: bool, **opts: Any) -> None:
     """Answer the PML PROMPT file ('-' reads standard input)."""
-    text = sys.stdin.read() if str(prompt) == "-" else _read(prompt)
+    text = sys.stdin.read() if str(prompt) == "-" else read_input_file(prompt)
     schema_files = list(schemas) or _guess_schemas(prompt, text)
-    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                    repeat_penalty=repeat_penalty, seed=seed, stop=stop)
+    options = GenerationOptions(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop)
     with open_prompt_cache(**opts) as pc:
         for path in schema_files:
-            _check_file(path)
+            check_input_file(path)
             pc.add_schema(path, progress=None if as_json else _progress)
+        answer = pc.ask(text, cache=not no_cache, options=options)
         if as_json:
-            result = pc.ask(text, cache=not no_cache, **sampling)
-            click.echo(json.dumps(result.to_dict(), indent=2))
+            click.echo(json.dumps(answer.result().to_dict(), indent=2))
             return
-        stream = pc.stream(text, cache=not no_cache, **sampling)
-        for piece in stream:
+        for piece in answer:
             click.echo(piece, nl=False)
         click.echo()
-        result = stream.result
-        if result is not None:
-            click.echo(f"[ttft {result.ttft_ms:.1f} ms; {result.cached_tokens} cached + {result.uncached_tokens} "
-                       f"uncached prompt tokens; {result.generated_tokens} generated; {result.finish_reason}]",
-                       err=True)
-
-
-def _read(path: Path) -> str:
-    _check_file(path)
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PmlError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", source=path) from exc
-
-
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
+        result = answer.result()
+        click.echo(f"[ttft {result.ttft_ms:.1f} ms; {result.cached_tokens} cached + {result.uncached_tokens} "
+                   f"uncached prompt tokens; {result.generated_tokens} generated; {result.finish_reason}]", err=True)
 
 
 def _guess_schemas(prompt: Path, text: str) -> list[Path]:

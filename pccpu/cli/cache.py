@@ -74,12 +74,11 @@ def stats_cmd(namespace: str, as_json: bool) -> None:
     """Entries and bytes per tier, with budgets."""
     stats = _store(namespace).stats()
     if as_json:
-        click.echo(json.dumps(stats, indent=2))
+        click.echo(json.dumps(stats.to_dict(), indent=2))
         return
-    disk = stats["disk"]
-    click.echo(f"namespace {stats['namespace']}")
-    click.echo(f"disk  {disk['entries']} modules, {human(disk['bytes'])} of {human(disk['budget_bytes'])} budget "
-               f"({disk['path']})")
+    click.echo(f"namespace {stats.namespace}")
+    click.echo(f"disk  {stats.disk_entries} modules, {human(stats.disk_bytes)} of {human(stats.disk_budget_bytes)} "
+               f"budget ({stats.disk_path})")
     click.echo(f"ram   budget {human(default_ram())} per process (a quarter of the memory available now)")
 
 

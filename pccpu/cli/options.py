@@ -4,20 +4,28 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from pccpu.service.passes import CONTEXT_MODES
 from pccpu.service.runtime import ROLE_MODES
 
+if TYPE_CHECKING:
+    from pccpu.service import PromptCache
 
-def cache_options(func: Callable[..., Any]) -> Callable[..., Any]:
+
+def cache_options(func: Callable[..., Any] | None = None, *,
+                  default_model: str | None = None) -> Callable[..., Any]:
     """--model, --n-ctx, --threads, --mode, --roles, --namespace, --no-persist, --kv-type, and GPU offload:
-    --gpu-layers, --kv-on-cpu, --resident-mb."""
+    --gpu-layers, --kv-on-cpu, --resident-mb. ``@cache_options`` or ``@cache_options(default_model=NAME)``."""
+    if func is None:
+        return functools.partial(cache_options, default_model=default_model)
+    model_help = "the registry's default" if default_model is None else default_model
     decorators = [
-        click.option("--model", "-m", envvar="PCCPU_MODEL", default=None,
-                     help="Registry name (see `pccpu models list`) or a .gguf path. Env: PCCPU_MODEL."),
+        click.option("--model", "-m", envvar="PCCPU_MODEL", default=default_model,
+                     help=f"Registry name (see `pccpu models list`) or a .gguf path (default: {model_help}). "
+                          "Env: PCCPU_MODEL."),
         click.option("--n-ctx", type=click.IntRange(64, 1 << 20), default=4096, show_default=True,
                      help="Context size in tokens."),
         click.option("--threads", type=click.IntRange(1, 1024), default=None,
@@ -43,7 +51,8 @@ def cache_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: str, roles: str, kv_type: str,
-                      namespace: str, no_persist: bool, gpu_layers: str, kv_on_cpu: bool, resident_mb: int) -> Any:
+                      namespace: str, no_persist: bool, gpu_layers: str, kv_on_cpu: bool, resident_mb: int,
+                      reuse_previous: bool = True) -> PromptCache:
     from pccpu.engine import parse_gpu_layers
     from pccpu.service import PromptCache
 
@@ -52,4 +61,5 @@ def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: 
     flash_attn = True if kv_type != "f16" else None
     return PromptCache(model, n_ctx=n_ctx, n_threads=threads, mode=mode, roles=roles, type_k=kv_type,
                        type_v=kv_type, flash_attn=flash_attn, namespace=namespace, persist=not no_persist,
-                       n_gpu_layers=n_gpu_layers, offload_kqv=not kv_on_cpu, resident_budget=resident_mb << 20)
+                       n_gpu_layers=n_gpu_layers, offload_kqv=not kv_on_cpu, resident_budget=resident_mb << 20,
+                       reuse_previous=reuse_previous)

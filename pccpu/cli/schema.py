@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from pccpu.cli.files import read_input_file
 from pccpu.engine.context import KV_TYPES
-from pccpu.errors import DuplicateNameError, PmlStructureError, SourceFileError, UnknownSchemaError
+from pccpu.errors import DuplicateNameError, PmlStructureError, UnknownSchemaError
 from pccpu.pml import (
     ModuleLayout,
     Prompt,
@@ -50,25 +51,9 @@ class _PmlFile:
     prompt: Prompt | None = None
 
 
-def _read(path: str) -> str:
-    """The file's text, or a :class:`SourceFileError` that says why it cannot be read."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise SourceFileError("no such file", source=path) from None
-    except IsADirectoryError:
-        raise SourceFileError("this is a directory, not a PML file", source=path) from None
-    except UnicodeDecodeError as exc:
-        raise SourceFileError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", source=path) from None
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise SourceFileError(f"cannot be read: {reason}", source=path) from None
-
-
 def _load(path: str) -> _PmlFile:
     """Read and parse one file as a schema or a prompt, by its root element."""
-    text = _read(path)
+    text = read_input_file(path)
     root = parse_xml(text, source=path)  # the parser limits nesting depth itself
     if root.tag == "prompt":
         return _PmlFile(path, prompt=parse_prompt(text, source=path))
@@ -216,7 +201,7 @@ def show(file: str, model: str | None, n_ctx: int, roles: str, type_k: str, type
     settings = _settings(n_ctx, type_k, type_v)
     with _runtime(model, settings, roles) as runtime:
         layout = _layout(runtime, item.schema, n_ctx)
-        per_token = settings.kv_bytes_per_token(runtime.model)
+        per_token = settings.kv_bytes_per_token(runtime.model.info)
         model_name = runtime.model.path.name
     if as_json:
         click.echo(json.dumps(_json(layout, per_token, model_name, settings), indent=2))

@@ -20,7 +20,7 @@ from typing import Literal
 import numpy as np
 
 from pccpu.engine._lib import lib, llama_build_info
-from pccpu.engine.model import LlamaModel
+from pccpu.engine.model import LlamaModel, ModelInfo
 from pccpu.engine.threads import available_cores
 from pccpu.errors import (
     ContextOverflowError,
@@ -97,8 +97,7 @@ class ContextSettings:
         }
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
-    def kv_bytes_per_token(self, model: LlamaModel) -> float:
-        info = model.info
+    def kv_bytes_per_token(self, info: ModelInfo) -> float:
         return info.n_layer * info.n_head_kv * (
             info.head_dim_k * KV_TYPE_BYTES[self.type_k] + info.head_dim_v * KV_TYPE_BYTES[self.type_v]
         )
@@ -247,8 +246,7 @@ class LlamaContext:
                     is_last_chunk = offset + len(chunk) == n
                     self._fill_batch(chunk, seq_id, start + offset, logits, is_last_chunk)
                     self._decode_batch()
-                    if logits == "all":
-                        assert out is not None
+                    if out is not None:
                         for i in range(len(chunk)):
                             out[offset + i] = self._logits_ith(i)
                     elif logits == "last" and is_last_chunk:

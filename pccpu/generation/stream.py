@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import codecs
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from pccpu.engine import LlamaContext, LlamaModel
-from pccpu.errors import ConfigError
+from pccpu.engine.protocols import Context, Model
+from pccpu.errors import ConfigError, InternalError
 from pccpu.generation.sampling import Sampler, SamplingSettings
 
 
@@ -26,8 +26,8 @@ class GenerationSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ConfigError(f"max_tokens must be >= 0 (0 only prefills the prompt), got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
 
@@ -43,8 +43,8 @@ class GenerationOutcome:
 
 
 def generate(
-    context: LlamaContext,
-    model: LlamaModel,
+    context: Context,
+    model: Model,
     first_logits: np.ndarray,
     *,
     seq_id: int,
@@ -53,7 +53,7 @@ def generate(
     history: Sequence[int] = (),
     outcome: GenerationOutcome | None = None,
     n_ctx: int | None = None,
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Yield text pieces. ``first_logits`` are the logits after the last prompt token; generation stops at position
     ``n_ctx`` (default: the context's size; less when part of the context is reserved for resident modules)."""
     limit = context.n_ctx if n_ctx is None else min(n_ctx, context.n_ctx)
@@ -65,6 +65,9 @@ def generate(
     logits = first_logits
     position = next_position
     outcome.finish_reason = "cancelled"
+    if settings.max_tokens == 0:
+        outcome.finish_reason = "length"
+        return
     try:
         for _ in range(settings.max_tokens):
             token = sampler.sample(logits, recent)
@@ -90,7 +93,10 @@ def generate(
                 outcome.finish_reason = "context"
                 break
             started = time.perf_counter()
-            logits = context.decode([token], seq_id=seq_id, start=position)
+            decoded = context.decode([token], seq_id=seq_id, start=position)
+            if decoded is None:
+                raise InternalError("a decode asked for the last logits returned none")
+            logits = decoded
             outcome.decode_ms += (time.perf_counter() - started) * 1000
             position += 1
         else:

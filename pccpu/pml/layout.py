@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from pccpu.errors import LayoutOverflowError, ParameterError
+from pccpu.errors import InternalError, LayoutOverflowError, ParameterError
 from pccpu.pml import schema as s
 from pccpu.pml.text import pieces_to_pml, render_pieces
 from pccpu.roles import RoleRenderer, Tokenizer
@@ -130,7 +130,7 @@ class SchemaLayout:
                 if lo < hi:
                     out.extend(chunk.tokens[lo - chunk.start : hi - chunk.start])
         if len(out) != length:
-            raise ValueError(f"positions [{start}, {start + length}) are not all text of module {path!r}")
+            raise InternalError(f"positions [{start}, {start + length}) are not all text of module {path!r}")
         return tuple(out)
 
     def to_dict(self, *, tokens: bool = False) -> dict[str, Any]:

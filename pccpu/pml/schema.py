@@ -19,6 +19,7 @@ from pccpu.errors import (
     DuplicateNameError,
     InvalidNameError,
     ParameterError,
+    PmlError,
     PmlSecurityError,
     PmlStructureError,
 )
@@ -138,7 +139,7 @@ class _SchemaBuilder:
         self.base = base
         self.roots = roots
 
-    def fail(self, cls: type[Exception], el: Element, message: str) -> Exception:
+    def fail(self, cls: type[PmlError], el: Element, message: str) -> PmlError:
         return cls(f"{el.where()}: {message}", source=self.source)
 
     def attrs(self, el: Element, allowed: set[str], required: set[str]) -> None:

@@ -1,9 +1,15 @@
-"""The prompt-cache service: schemas in, answers out (``PromptCache``)."""
+"""The prompt-cache service: schemas in, answers out (``PromptCache``), in sessions (``Session``)."""
 
 from __future__ import annotations
 
+from pccpu.errors import BusyError, OptionError, SessionError
+from pccpu.service.answer import Answer
+from pccpu.service.options import GenerationKwargs, GenerationOptions
 from pccpu.service.prompt_builder import ModuleArgs, build_prompt_xml
-from pccpu.service.prompt_cache import PromptCache
-from pccpu.service.result import ModuleUse, Result
+from pccpu.service.prompt_cache import CacheStats, PromptCache
+from pccpu.service.request import Request
+from pccpu.service.result import ModuleUse, Result, Timings
+from pccpu.service.session import Session
 
-__all__ = ["ModuleArgs", "ModuleUse", "PromptCache", "Result", "build_prompt_xml"]
+__all__ = ["Answer", "BusyError", "CacheStats", "GenerationKwargs", "GenerationOptions", "ModuleArgs", "ModuleUse",
+           "OptionError", "PromptCache", "Request", "Result", "Session", "SessionError", "Timings", "build_prompt_xml"]

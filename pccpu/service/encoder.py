@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pccpu.engine import LlamaContext
+from pccpu.engine.protocols import Context
+from pccpu.errors import InternalError
 from pccpu.service.passes import Cell, EncodePass, ModuleCells
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def _runs(cells: list[Cell]) -> list[list[Cell]]:
 
 
 def encode_pass(
-    context: LlamaContext,
+    context: Context,
     encode_pass: EncodePass,
     *,
     work_seq: int,
@@ -82,7 +83,7 @@ def encode_pass(
             next_free = context.seq_pos_max(work_seq) + 1
             at = target if next_free == 0 else next_free
             if at > target:
-                raise AssertionError(f"pass cells overlap at position {target}")
+                raise InternalError(f"encode pass cells overlap at position {target}")
             context.decode([t for _, t in run], seq_id=work_seq, start=at, logits="none")
             if at != target:
                 context.seq_add(work_seq, at, at + len(run), target - at)

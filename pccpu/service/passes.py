@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from pccpu.errors import ConfigError
+from pccpu.errors import ConfigError, InternalError
 from pccpu.pml import NestedModule, SchemaLayout, TextChunk, UnionLayout
 
 ContextMode = Literal["isolated", "sequential"]
@@ -128,7 +128,7 @@ def plan_passes(layout: SchemaLayout, mode: ContextMode, filler: int, only: Iter
 def _isolated_pass(layout: SchemaLayout, path: str, filler: int) -> EncodePass:
     saved = module_cells(layout, path)
     if saved is None:
-        raise ValueError(f"module {path!r} has no text to encode")
+        raise InternalError(f"module {path!r} has no text to encode (the caller should have skipped it)")
     cells = [c for a in ancestors(layout, path) for c in own_cells(layout, a, filler) if c[0] < saved.start]
     cells += own_cells(layout, path, filler)
     return EncodePass(tuple(sorted(cells)), (saved,))

@@ -1,87 +1,78 @@
 """``PromptCache``: encode a schema's modules once, store them, answer prompts from them.
 
     with PromptCache(model="smollm2") as pc:
-        pc.add_schema("schemas/demo.xml")
-        result = pc.ask(open("schemas/demo_prompt.xml").read())
-        print(result.text, result.ttft_ms)
+        pc.add_schema("schemas/travel.xml")
+        answer = pc.ask(open("schemas/travel.domestic.prompt.xml").read())
+        print(answer.text(), answer.result().ttft_ms)
 
-Sequence ids in the context: 0 the request, 1 and 2 for encoding (work and save), 3..n_seq_max-1 scratch
-sequences that hold restored module states while a request is assembled, then one per resident module run (see
-``resident.py``) when a resident budget is set.
+The request path, once per request: ``plan`` (parse, check and place every piece: a :class:`Request`) -> switch to
+the request's session -> find each cached module's state in the store (encoding what is missing) -> trace the
+request's cells and keep what the session already holds -> assemble the rest (restore, copy, decode) -> generate.
 
-GPU offload: ``n_gpu_layers`` ("all", "none" or a count) with a CUDA build of llama-cpp-python; the KV cache goes
-with the layers unless ``offload_kqv=False``. Module states are restored from host memory into the (GPU) KV cache;
-with ``resident_budget`` bytes, used module runs also stay in the KV cache between requests.
+Sequence ids in the context: 0 the request (the active session's cells), 1 and 2 for encoding (work and save),
+3..n_seq_max-1 scratch sequences that hold restored module states while a request is assembled, then one per
+resident module run (see ``resident.py``) when a resident budget is set.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pccpu.engine import ContextSettings, parse_gpu_layers
-from pccpu.errors import (
-    BusyError,
-    ConfigError,
-    NoKvSlotError,
-    StateError,
-    UnknownSchemaError,
-    UnsupportedModelError,
-)
-from pccpu.generation.sampling import SamplingSettings
-from pccpu.generation.stream import GenerationOutcome, GenerationSettings, generate
-from pccpu.pml import (
-    CachedPiece,
-    PromptPlan,
-    PromptText,
-    SchemaLayout,
-    UncachedPiece,
-    build_layout,
-    parse_prompt,
-    parse_schema,
-    resolve_prompt,
-)
-from pccpu.roles import Role, RoleTag
-from pccpu.service.assembler import AssemblyTimings, ModuleSource, assemble, plan_run_keys
+import numpy as np
+from typing_extensions import Unpack
+
+from pccpu.engine import ContextSettings, ModelInfo, available_cores, parse_gpu_layers
+from pccpu.errors import BusyError, ConfigError, EngineError, NoKvSlotError, OptionError, StateError
+from pccpu.generation.stream import GenerationOutcome, generate
+from pccpu.pml import CachedPiece, SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
+from pccpu.service.answer import Answer
+from pccpu.service.assembler import AssemblyTimings, assemble, run_keys
 from pccpu.service.encoder import EncodeStats, ProgressCallback, encode_pass
-from pccpu.service.passes import ContextMode, EncodePass, cached_modules, check_mode, plan_passes
+from pccpu.service.options import GenerationKwargs, GenerationOptions
+from pccpu.service.passes import ContextMode, cached_modules, check_mode, plan_passes
 from pccpu.service.prompt_builder import Selection, build_prompt_xml
-from pccpu.service.resident import ResidentModules
-from pccpu.service.result import ModuleUse, Result, Source
+from pccpu.service.request import ModuleSource, Request, module_uses, order_warnings
+from pccpu.service.resident import ResidentModules, ResidentStats
+from pccpu.service.result import ModuleUse, Result, Timings
 from pccpu.service.reuse import CellTrace, StateIds, common_prefix, plan_after, trace_plan
-from pccpu.service.runtime import Runtime
-from pccpu.store import EntryKey, ModuleStore, StoredModule, content_key
+from pccpu.service.runtime import Runtime, check_supported
+from pccpu.service.schemas import SchemaRecord, SchemaRegistry
+from pccpu.service.sessions import SessionState, SessionStats, SessionTable
+from pccpu.service.turns import ends_user_turn, with_generation_prompt
+from pccpu.store import EntryKey, EntryMeta, ModuleStore, StoredModule, content_key
+from pccpu.store.module_store import StoreStats, default_ram_budget
+
+if TYPE_CHECKING:
+    from pccpu.service.session import Session
 
 logger = logging.getLogger(__name__)
-
-
-class Prefill(NamedTuple):
-    """A prompt in the request sequence: the logits after it and what it took."""
-
-    logits: Any
-    next_position: int  # where generation continues
-    uses: list[ModuleUse]
-    trace: CellTrace | None  # what the request's cells hold, for the next prompt to reuse (None: not reusable)
-    reused: int = 0  # cells held from the previous answer
-    reused_decoded: int = 0  # of those, cells that had been decoded (not restored)
 
 REQUEST_SEQ, WORK_SEQ, SAVE_SEQ, FIRST_SCRATCH_SEQ = 0, 1, 2, 3
 
 
-@dataclass
-class _Schema:
-    layout: SchemaLayout
-    passes: list[EncodePass]
-    keys: dict[str, EntryKey]  # module path -> key of its state
-    pass_of: dict[str, int]  # module path -> index into passes
-    ranges: dict[str, tuple[tuple[int, int], ...]]  # module path -> its text runs (one stored state each)
+@dataclass(frozen=True)
+class CacheStats:
+    store: StoreStats
+    sessions: SessionStats
+    residents: ResidentStats
+    encode: EncodeStats
+
+
+class Prefill(NamedTuple):
+    """A prompt in the request sequence: the logits after it, and where its cells came from."""
+
+    logits: np.ndarray
+    next_position: int  # where generation continues
+    trace: CellTrace | None  # what the request's cells hold, for the session's next request (None: not reusable)
+    session_tokens: int = 0
+    cached_tokens: int = 0
+    uses: tuple[ModuleUse, ...] = ()
 
 
 class PromptCache:
@@ -110,57 +101,71 @@ class PromptCache:
         resident_budget: int = 0,
         resident_slots: int = 64,
         reuse_previous: bool = True,
+        session_budget: int | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
+        """``model``: a registry name or a .gguf path (default: $PCCPU_MODEL or the registry's default).
+
+        ``reuse_previous``: each session keeps its cells for its next request (off: every request is assembled
+        from the module store, for measurements). ``session_budget``: bytes of parked session states in RAM
+        (default: a tenth of the memory available). ``runtime``: an opened model and context to use instead of
+        ``model`` and the engine settings (tests pass a fake engine here).
+        """
         self.mode: ContextMode = check_mode(mode)
         if n_seq_max < FIRST_SCRATCH_SEQ + 1:
             raise ConfigError(f"n_seq_max must be at least {FIRST_SCRATCH_SEQ + 1}, got {n_seq_max}")
         if resident_budget < 0 or resident_slots < 1:
             raise ConfigError(f"resident_budget must be >= 0 bytes and resident_slots >= 1, got {resident_budget} "
                               f"and {resident_slots}")
-        gpu_layers = parse_gpu_layers(n_gpu_layers)
-        if flash_attn is None:  # on a GPU flash attention is faster and keeps V untransposed (one copy per layer)
-            flash_attn = gpu_layers != 0
-        threads = {} if n_threads is None else {"n_threads": n_threads, "n_threads_batch": n_threads}
+        if session_budget is not None and session_budget < 0:
+            raise ConfigError(f"session_budget must be >= 0 bytes, got {session_budget}")
         resident_seqs = resident_slots if resident_budget else 0
-        settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_seq_max=n_seq_max + resident_seqs,
-                                   flash_attn=flash_attn, type_k=type_k, type_v=type_v, offload_kqv=offload_kqv,
-                                   **threads)
-        self.n_ctx = n_ctx  # the longest prompt plus answer; the context has extra cells for resident runs
+        if runtime is None:
+            gpu_layers = parse_gpu_layers(n_gpu_layers)
+            if flash_attn is None:  # on a GPU flash attention is faster and keeps V untransposed (one copy per layer)
+                flash_attn = gpu_layers != 0
+            threads = available_cores() if n_threads is None else n_threads
+            settings = ContextSettings(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                                       n_seq_max=n_seq_max + resident_seqs, flash_attn=flash_attn, type_k=type_k,
+                                       type_v=type_v, offload_kqv=offload_kqv, n_threads=threads,
+                                       n_threads_batch=threads)
+            runtime = Runtime.open(model, settings, roles=roles, n_gpu_layers=gpu_layers,
+                                   reserve_bytes=resident_budget)
+        elif model is not None:
+            raise ConfigError("give a model or a runtime, not both")
+        try:
+            check_supported(runtime.model)
+        except BaseException:
+            runtime.close()
+            raise
+        self._runtime = runtime
+        self.n_ctx = runtime.n_ctx  # the longest prompt plus answer; the context has extra cells for resident runs
         self._n_scratch_end = n_seq_max
-        self.store = ModuleStore(directory=store_dir, namespace=namespace, ram_budget=ram_budget,
-                                 disk_budget=disk_budget, persist=persist)
-        self.runtime = Runtime.open(model, settings, roles=roles, n_gpu_layers=gpu_layers,
-                                    reserve_bytes=resident_budget)
-        n_swa = self.runtime.model.info.n_swa
-        if n_swa > 0:
-            name = self.runtime.model.path.name
-            self.runtime.close()
-            # Measured on gemma-3-270m: composed module states differ from full prefill (KL ~0.01 on a prefix
-            # layout), so sliding-window models are refused until their iSWA cache is handled deliberately.
-            raise UnsupportedModelError(
-                f"{name} uses sliding-window attention (window {n_swa} tokens), which "
-                "pccpu does not support yet: its composed module states do not match a full prefill. Use a model "
-                "with full attention (for example smollm2 or qwen2.5-coder-1.5b)"
-            )
-        self.settings = settings
-        self._model_fp = self.runtime.model.fingerprint
-        self._state_fp = settings.state_fingerprint(self.runtime.model.placement)
-        self.residents = ResidentModules(self.runtime.context, list(range(n_seq_max, n_seq_max + resident_seqs)),
-                                         self.runtime.reserved_cells)
+        try:
+            self._store = ModuleStore(directory=store_dir, namespace=namespace, ram_budget=ram_budget,
+                                      disk_budget=disk_budget, persist=persist)
+        except BaseException:
+            runtime.close()
+            raise
+        self._model_fp = runtime.model.fingerprint
+        self._state_fp = runtime.settings.state_fingerprint(runtime.model.placement)
+        self._residents = ResidentModules(runtime.context, list(range(n_seq_max, n_seq_max + resident_seqs)),
+                                          runtime.reserved_cells if resident_budget else 0)
+        budget = int(default_ram_budget() * 0.4) if session_budget is None else session_budget
+        self._sessions = SessionTable(runtime.context, REQUEST_SEQ, budget, self._residents.seq_ids)
+        self._default_session = self._sessions.open("default")
+        self._reuse_previous = reuse_previous
+        self._schemas = SchemaRegistry()
         self._filler = self._filler_token()
-        opening = self.runtime.roles.generation_prompt  # the assistant's turn, opened after a user turn
-        self._generation_prompt = tuple(self.runtime.model.tokenize(opening)) if opening else ()
-        self._schemas: dict[str, _Schema] = {}
-        # the last answer's cells, left in the request sequence for the next prompt to reuse (see reuse.py)
-        self.reuse_previous = reuse_previous
-        self._kept: CellTrace | None = None
+        opening = runtime.roles.generation_prompt  # the assistant's turn, opened after a user turn
+        self._generation_prompt = tuple(runtime.model.tokenize(opening)) if opening else ()
         self._state_ids = StateIds()
         self._lock = threading.Lock()
-        self.encode_stats = EncodeStats()
+        self._encode_stats = EncodeStats()
 
-    # -- lifecycle ---------------------------------------------------------------------------------------
+    # -- lifecycle and what a caller may read ------------------------------------------------------------
     def close(self) -> None:
-        self.runtime.close()
+        self._runtime.close()
 
     def __enter__(self) -> PromptCache:
         return self
@@ -168,66 +173,87 @@ class PromptCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def model_path(self) -> Path:
+        return self._runtime.model.path
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._runtime.model.info
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """KV cache bytes of one token with this cache's settings (a module state is about this per cell)."""
+        return self._runtime.settings.kv_bytes_per_token(self.model_info)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The model's tokens for ``text`` (special tokens parsed, no BOS)."""
+        return self._runtime.model.tokenize(text)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self._runtime.model.detokenize(tokens)
+
+    def stats(self) -> CacheStats:
+        return CacheStats(self._store.stats(), self._sessions.stats(), self._residents.stats, self._encode_stats)
+
+    def warm_up(self) -> None:
+        """Decode one token and drop it: the first decode of a context pays one-time costs (graph setup, page
+        faults) that a measurement should not count."""
+        with self._exclusive():
+            self._sessions.park_active()
+            context = self._runtime.context
+            context.decode([max(self._runtime.model.bos_token, 0)], seq_id=REQUEST_SEQ, start=0, logits="none")
+            context.seq_rm(REQUEST_SEQ)
+
+    def clear_residents(self) -> None:
+        """Drop every resident module run from the KV cache (the next requests restore them from RAM)."""
+        with self._exclusive():
+            self._residents.clear()
+
+    def clear_store(self, *, ram: bool = True, disk: bool = True) -> int:
+        """Forget stored module states (``disk=False``: only the RAM tier, as after a restart); the number removed."""
+        with self._exclusive():
+            return self._store.clear(ram=ram, disk=disk)
+
     def _exclusive(self) -> _Exclusive:
         return _Exclusive(self._lock)
 
     # -- schemas -----------------------------------------------------------------------------------------
     @property
     def schemas(self) -> dict[str, SchemaLayout]:
-        return {name: s.layout for name, s in self._schemas.items()}
+        return self._schemas.layouts()
 
     def add_schema(self, schema: str | Path, *, encode: bool = True,
                    progress: ProgressCallback | None = None) -> SchemaLayout:
         """Parse and lay out a schema (a path or PML text); encode its modules unless stored already."""
         with self._exclusive():
             parsed = parse_schema(schema)
-            rt = self.runtime
+            rt = self._runtime
             layout = build_layout(parsed, rt.model, rt.roles, bos_tokens=rt.bos_tokens, n_ctx=self.n_ctx)
-            passes = plan_passes(layout, self.mode, self._filler)
-            keys: dict[str, EntryKey] = {}
-            pass_of: dict[str, int] = {}
-            ranges: dict[str, tuple[tuple[int, int], ...]] = {}
-            for index, encode_plan in enumerate(passes):
-                for module in encode_plan.saved:
-                    keys[module.path] = self._key(encode_plan.context_of(module), module.cells, module.start)
-                    pass_of[module.path] = index
-                    ranges[module.path] = module.ranges
-            if parsed.name in self._schemas:
-                logger.info("schema %r replaced", parsed.name)
-            self._schemas[parsed.name] = _Schema(layout, passes, keys, pass_of, ranges)
+            record = SchemaRecord.build(layout, plan_passes(layout, self.mode, self._filler), self._key)
+            self._schemas.add(record)
             if encode:
-                self._encode_missing(self._schemas[parsed.name], cached_modules(layout), progress)
+                self._encode_missing(record, cached_modules(layout), progress)
             return layout
 
     def encode(self, name: str, *, progress: ProgressCallback | None = None) -> int:
         """Encode every module of schema ``name`` that is not stored; the number of passes run."""
         with self._exclusive():
-            entry = self._schema(name)
-            return self._encode_missing(entry, cached_modules(entry.layout), progress)
+            record = self._schemas.get(name)
+            return self._encode_missing(record, list(record.modules), progress)
 
     def pin(self, schema: str, module: str | None = None) -> int:
         """Keep a schema's module states (or one module's) in RAM whatever the budget pressure; the number
         pinned. Pinned states are never evicted from the RAM tier."""
         with self._exclusive():
-            entry = self._schema(schema)
-            paths = [module] if module is not None else list(entry.keys)
+            record = self._schemas.get(schema)
+            paths = [record.module(module).path] if module is not None else list(record.modules)
             for path in paths:
-                if path not in entry.keys:
-                    from pccpu.errors import UnknownModuleError
-
-                    raise UnknownModuleError(f"schema {schema!r} stores no module {path!r}; stored: "
-                                             f"{', '.join(sorted(entry.keys))}")
-                self.store.pin(entry.keys[path])
+                self._store.pin(record.modules[path].key)
             return len(paths)
 
-    def _schema(self, name: str) -> _Schema:
-        if name not in self._schemas:
-            known = ", ".join(sorted(self._schemas)) or "none"
-            raise UnknownSchemaError(f"schema {name!r} was not added (added: {known}); add it with add_schema()")
-        return self._schemas[name]
-
     def _key(self, context: tuple[tuple[int, int], ...], cells: tuple[tuple[int, int], ...], start: int) -> EntryKey:
-        content = content_key(namespace=self.store.namespace, model_fingerprint=self._model_fp,
+        content = content_key(namespace=self._store.namespace, model_fingerprint=self._model_fp,
                               state_fingerprint=self._state_fp, mode=self.mode, context=context, cells=cells,
                               start=start)
         return EntryKey(content, start)
@@ -235,303 +261,250 @@ class PromptCache:
     def _expect(self) -> dict[str, Any]:
         return {"model": self._model_fp, "state": self._state_fp}
 
-    def _encode_missing(self, entry: _Schema, paths: list[str], progress: ProgressCallback | None, *,
+    def _stored(self, record: SchemaRecord, path: str) -> bool:
+        """Whether the module's state is stored, at its start or another (a cheap check: nothing is read)."""
+        key = record.modules[path].key
+        return self._store.contains(key) or bool(self._store.starts_of(key.content))
+
+    def _encode_missing(self, record: SchemaRecord, paths: list[str], progress: ProgressCallback | None, *,
                         force: bool = False) -> int:
         """Run the passes that encode ``paths`` (those not stored, unless ``force``); the number of passes."""
-        if not force and all(self._stored(entry, p) for p in paths):
+        if not force and all(self._stored(record, p) for p in paths):
             return 0
-        with self.store.exclusive():
+        with self._store.exclusive():
             # another process may have encoded them while this one waited for the lock
-            missing = list(paths) if force else [p for p in paths if not self._stored(entry, p)]
-            indices = sorted({entry.pass_of[p] for p in missing})
-            if indices:
-                self._kept = None  # encoding clears the cache
-            if indices and len(self.residents):
-                # encode from a cleared cache, as everywhere: cells placed around resident runs would give slightly
-                # other states under the same key (without flash attention results depend on cell placement)
-                self.residents.clear()
-            total = sum(len(entry.passes[i].cells) for i in indices)
+            missing = list(paths) if force else [p for p in paths if not self._stored(record, p)]
+            indices = sorted({record.modules[p].pass_index for p in missing})
+            if not indices:
+                return 0
+            # encoding starts from a cleared cache, as everywhere: the active session is parked first, and resident
+            # runs are dropped (cells placed around them would give slightly other states under the same key)
+            self._sessions.park_active()
+            self._residents.clear()
+            total = sum(len(record.passes[i].cells) for i in indices)
             done = 0
             for i in indices:
-                self._run_pass(entry, entry.passes[i], progress, done, total)
-                done += len(entry.passes[i].cells)
-        if indices:
-            logger.info("encoded %d module(s) of %r in %d pass(es): %d tokens at %.0f tokens/s", len(missing),
-                        entry.layout.name, len(indices), total, self.encode_stats.tokens_per_second)
+                encoded = encode_pass(self._runtime.context, record.passes[i], work_seq=WORK_SEQ, save_seq=SAVE_SEQ,
+                                      stats=self._encode_stats, progress=progress, done_before=done, total=total)
+                done += len(record.passes[i].cells)
+                for module in encoded:
+                    meta = EntryMeta(schema=record.name, module=module.cells.path, mode=self.mode,
+                                     ranges=module.cells.ranges, run_bytes=module.run_bytes, model=self._model_fp,
+                                     state=self._state_fp, model_file=self.model_path.name, created=time.time())
+                    self._store.save(StoredModule(record.modules[module.cells.path].key, module.state, meta))
+        logger.info("encoded %d module(s) of %r in %d pass(es): %d tokens at %.0f tokens/s", len(missing),
+                    record.name, len(indices), total, self._encode_stats.tokens_per_second)
         return len(indices)
 
-    def _run_pass(self, entry: _Schema, encode_plan: EncodePass, progress: ProgressCallback | None, done: int,
-                  total: int) -> None:
-        encoded = encode_pass(self.runtime.context, encode_plan, work_seq=WORK_SEQ, save_seq=SAVE_SEQ,
-                              stats=self.encode_stats, progress=progress, done_before=done, total=total)
-        for module in encoded:
-            key = entry.keys[module.cells.path]
-            meta = dict(self._expect(), schema=entry.layout.name, module=module.cells.path, mode=self.mode,
-                        n_cells=len(module.cells.cells), ranges=[list(r) for r in module.cells.ranges],
-                        run_bytes=list(module.run_bytes),
-                        model_file=self.runtime.model.path.name, created=time.time())
-            self.store.save(StoredModule(key, module.state, meta))
-
-    def _stored(self, entry: _Schema, path: str) -> bool:
-        """Whether the module's state is stored, at its start or another (a cheap check: nothing is read)."""
-        key = entry.keys[path]
-        return self.store.contains(key) or bool(self.store.starts_of(key.content))
-
-    def _find(self, entry: _Schema, path: str) -> tuple[StoredModule, Source, int] | None:
-        """The stored state of a module: exact key first, else the same content at another start (shifted)."""
-        key = entry.keys[path]
-        hit = self.store.lookup(key, self._expect())
-        if hit is not None:
-            return hit.entry, hit.tier, 0
-        for start in sorted(self.store.starts_of(key.content)):
-            hit = self.store.lookup(EntryKey(key.content, start), self._expect())
-            if hit is not None:
-                return hit.entry, hit.tier, key.start - start
-        return None
-
-    # -- answering ---------------------------------------------------------------------------------------
-    def plan(self, prompt: str | Path, *, add_generation_prompt: bool | None = None) -> PromptPlan:
-        """Resolve a prompt (PML text or a path) against its schema, without running anything."""
+    # -- requests ----------------------------------------------------------------------------------------
+    def plan(self, prompt: str | Path, *, add_generation_prompt: bool | None = None) -> Request:
+        """Resolve a prompt (PML text or a path) against its schema, without running anything: what ``ask`` would
+        restore and decode, where (``Request.plan``). ``ask`` takes the result."""
         parsed = parse_prompt(prompt)
-        entry = self._schema(parsed.schema)
-        rt = self.runtime
-        plan = resolve_prompt(entry.layout, parsed, rt.model, rt.roles, n_ctx=self.n_ctx)
-        wants = _ends_user_turn(parsed.items) if add_generation_prompt is None else add_generation_prompt
-        if wants and self._generation_prompt:
-            plan = _append_uncached(plan, self._generation_prompt, self.n_ctx)
-        return plan
+        record = self._schemas.get(parsed.schema)
+        rt = self._runtime
+        plan = resolve_prompt(record.layout, parsed, rt.model, rt.roles, n_ctx=self.n_ctx)
+        wants = ends_user_turn(parsed.items) if add_generation_prompt is None else add_generation_prompt
+        if wants:
+            plan = with_generation_prompt(plan, self._generation_prompt, self.n_ctx)
+        warnings = order_warnings(record.layout, parsed)
+        for warning in warnings:
+            logger.warning("%s", warning)
+        return Request.build(plan, record, warnings)
 
-    def ask(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> Result:
-        """Answer a prompt; ``cache=False`` answers it by full prefill of the same tokens (the baseline).
+    def ask(self, prompt: str | Path | Request, *, cache: bool = True, session: Session | None = None,
+            options: GenerationOptions | None = None, **kwargs: Unpack[GenerationKwargs]) -> Answer:
+        """Answer a prompt (PML text, a path, or a :class:`Request` from ``plan``): an :class:`Answer` to iterate
+        for text as it is generated, or to call ``.result()`` / ``.text()`` on. Nothing runs before that.
 
-        Options: max_tokens, stop, temperature, top_k, top_p, min_p, repeat_penalty, seed, add_generation_prompt,
-        keep_logits (the next-token logits after the prompt in ``Result.first_logits``, for fidelity checks).
+        ``cache=False`` answers by full prefill of the same tokens (the baseline). ``session``: the conversation
+        whose cells the request may reuse and leaves its own in (default: this cache's default session). Options
+        are the fields of :class:`GenerationOptions`, as ``options=`` or keywords (keywords win); an unknown one is
+        an :class:`~pccpu.errors.OptionError`.
         """
-        outcome_box: list[Result] = []
-        for _ in self._answer(prompt, cache, outcome_box, **options):
-            pass
-        return outcome_box[0]
-
-    def stream(self, prompt: str | Path, *, cache: bool = True, **options: Any) -> AnswerStream:
-        """Iterate over the answer's text pieces as they are generated; ``.result`` holds the Result once the
-        stream has ended. Closing it (or leaving a ``with`` block) stops generation early."""
-        box: list[Result] = []
-        return AnswerStream(self._answer(prompt, cache, box, **options), box)
-
-    def first_token_logits(self, prompt: str | Path, *, cache: bool = True,
-                           add_generation_prompt: bool | None = None) -> Any:
-        """The next-token logits after the prompt (a float32 array over the vocabulary): for fidelity checks."""
-        with self._exclusive():
-            plan = self.plan(prompt, add_generation_prompt=add_generation_prompt)
-            timings: dict[str, float] = {}
-            self._kept = None
-            try:
-                prefill = self._prefill_cached if cache else self._prefill_baseline
-                return prefill(plan, timings)[0]
-            finally:
-                self.runtime.context.seq_rm(REQUEST_SEQ)
+        opts = GenerationOptions.from_kwargs(kwargs, options)
+        if isinstance(prompt, Request) and opts.add_generation_prompt is not None:
+            raise OptionError("add_generation_prompt is decided when a Request is planned: pass it to plan()")
+        state = self._default_session if session is None else session._state_for(self)
+        self._sessions.check(state)
+        return Answer(lambda done: self._run(prompt, state, cache, opts, done))
 
     def ask_parts(self, schema: str, modules: Selection | None = None, question: str | None = None, *,
-                  role: str = "user", **options: Any) -> Result:
+                  role: str = "user", cache: bool = True, session: Session | None = None,
+                  options: GenerationOptions | None = None, **kwargs: Unpack[GenerationKwargs]) -> Answer:
         """Answer a prompt given as data (see ``build_prompt_xml``): the question can never inject markup."""
-        return self.ask(build_prompt_xml(schema, modules, question, role=role), **options)
+        return self.ask(build_prompt_xml(schema, modules, question, role=role), cache=cache, session=session,
+                        options=options, **kwargs)
 
-    def _answer(self, prompt: str | Path, cache: bool, box: list[Result] | None, *, max_tokens: int = 128,
-                stop: tuple[str, ...] | list[str] = (), add_generation_prompt: bool | None = None,
-                keep_logits: bool = False, **sampling: Any) -> Iterator[str]:
-        generation = GenerationSettings(max_tokens=max_tokens, stop=tuple(stop), sampling=SamplingSettings(**sampling))
+    def session(self, name: str | None = None) -> Session:
+        """A new conversation: its requests reuse the cells its previous request left (see ``sessions.py``)."""
+        from pccpu.service.session import Session
+
+        return Session(self, self._sessions.open(name))
+
+    def _close_session(self, state: SessionState) -> None:
+        with self._exclusive():
+            self._sessions.close(state)
+
+    def _run(self, prompt: str | Path | Request, state: SessionState, cache: bool, opts: GenerationOptions,
+             done: Any) -> Iterator[str]:
+        """The request path (see the module docstring); ``done`` gets the Result, also when stopped early."""
         with self._exclusive():
             started = time.perf_counter()
-            timings: dict[str, float] = {}
-            plan = self.plan(prompt, add_generation_prompt=add_generation_prompt)
-            timings["parse_ms"] = (time.perf_counter() - started) * 1000
-            ctx = self.runtime.context
-            prefill = self._prefill_cached(plan, timings) if cache else self._prefill_baseline(plan, timings)
-            logits, next_position, trace = prefill.logits, prefill.next_position, prefill.trace
-            first_logits = logits.copy() if keep_logits else None  # generation reuses the logits buffer
-            # the prompt's tokens matter to the repeat penalty only; building them costs ~1 ms at 8K tokens
-            history = list(plan.baseline_tokens()) if generation.sampling.repeat_penalty != 1.0 else []
-            outcome = GenerationOutcome()
-            pieces = generate(ctx, self.runtime.model, logits, seq_id=REQUEST_SEQ, next_position=next_position,
-                              settings=generation, history=history, outcome=outcome, n_ctx=self.n_ctx)
-            ttft_ms: float | None = None
-            finished = False
+            request = prompt if isinstance(prompt, Request) else self.plan(
+                prompt, add_generation_prompt=opts.add_generation_prompt)
+            if self._schemas.get(request.schema.name) is not request.schema:
+                raise ConfigError(f"schema {request.schema.name!r} was added again after this request was planned; "
+                                  "plan it again")
+            clock = {"plan_ms": (time.perf_counter() - started) * 1000}
+            clock["switch_ms"] = self._sessions.activate(state)
+            state.requests += 1
             try:
-                for piece in pieces:
-                    if ttft_ms is None:
-                        ttft_ms = (time.perf_counter() - started) * 1000
-                    yield piece
-                finished = True
-            finally:
-                pieces.close()
-                if finished and trace is not None:  # None when reuse is off or the prompt cannot be reused
-                    # the generated tokens decoded into the request follow the prompt's cells
-                    answered = ctx.seq_pos_max(REQUEST_SEQ) + 1 - next_position
-                    self._kept = trace.extended(outcome.tokens[:max(answered, 0)], next_position)
-                else:
-                    ctx.seq_rm(REQUEST_SEQ)
-            if ttft_ms is None:  # nothing streamed (end of generation first): the first sample still happened
-                ttft_ms = (time.perf_counter() - started) * 1000
-            timings["generate_ms"] = outcome.decode_ms
-            prompt_tokens = plan.cached_tokens + plan.uncached_tokens
-            # prompt = restored from stored states + decoded now + held from the previous answer
-            cached = plan.cached_tokens - (prefill.reused - prefill.reused_decoded) if cache else 0
-            if box is not None:
-                box.append(Result(
-                    text=outcome.text, ttft_ms=ttft_ms, cached_tokens=cached,
-                    uncached_tokens=prompt_tokens - cached - prefill.reused, prompt_tokens=prompt_tokens,
-                    generated_tokens=len(outcome.tokens), finish_reason=outcome.finish_reason, modules=prefill.uses,
-                    timings=timings, cached=cache, first_logits=first_logits, reused_tokens=prefill.reused,
-                ))
+                prefill = self._prefill_cached(request, state, clock) if cache else self._prefill_baseline(request,
+                                                                                                            clock)
+            except BaseException:
+                self._runtime.context.seq_rm(REQUEST_SEQ)  # whatever the failed assembly left
+                self._sessions.forget_active()
+                raise
+            yield from self._generate(request, state, prefill, opts, started, clock, cache, done)
 
-    def _prefill_cached(self, plan: PromptPlan, timings: dict[str, float]) -> Prefill:
-        """Assemble ``plan`` in the request sequence, after what the previous answer left there if it began the same
-        way (see reuse.py)."""
-        kept, self._kept = self._kept, None  # the request sequence changes from here on
-        entry = self._schema(plan.schema)
+    def _generate(self, request: Request, state: SessionState, prefill: Prefill, opts: GenerationOptions,
+                  started: float, clock: dict[str, float], cache: bool, done: Any) -> Iterator[str]:
+        context, model = self._runtime.context, self._runtime.model
+        first_logits = prefill.logits.copy() if opts.keep_logits else None  # generation reuses the logits buffer
+        # the prompt's tokens matter to the repeat penalty only; building them costs ~1 ms at 8K tokens
+        history = list(request.plan.baseline_tokens()) if opts.repeat_penalty != 1.0 else []
+        outcome = GenerationOutcome()
+        pieces = generate(context, model, prefill.logits, seq_id=REQUEST_SEQ, next_position=prefill.next_position,
+                          settings=opts.generation(), history=history, outcome=outcome, n_ctx=self.n_ctx)
+        ttft_ms: float | None = None
+        clean = False
+        try:
+            for piece in pieces:
+                if ttft_ms is None:
+                    ttft_ms = (time.perf_counter() - started) * 1000
+                yield piece
+            clean = True
+        except GeneratorExit:  # the caller stopped early: the cells decoded so far are sound
+            clean = True
+            raise
+        finally:
+            pieces.close()
+            if clean and prefill.trace is not None and self._reuse_previous:
+                # the generated tokens decoded into the request follow the prompt's cells
+                answered = max(context.seq_pos_max(REQUEST_SEQ) + 1 - prefill.next_position, 0)
+                state.kept = prefill.trace.extended(outcome.tokens[:answered], prefill.next_position)
+            else:
+                state.kept = None
+                context.seq_rm(REQUEST_SEQ)
+            if ttft_ms is None:  # nothing streamed (end of generation first, or max_tokens=0)
+                ttft_ms = (time.perf_counter() - started) * 1000
+            decoded = request.prompt_tokens - prefill.session_tokens - prefill.cached_tokens
+            done(Result(
+                text=outcome.text, ttft_ms=ttft_ms, session_tokens=prefill.session_tokens,
+                cached_tokens=prefill.cached_tokens, uncached_tokens=decoded, generated_tokens=len(outcome.tokens),
+                finish_reason=outcome.finish_reason, modules=prefill.uses,
+                timings=Timings(generate_ms=outcome.decode_ms, **clock), cached=cache, warnings=request.warnings,
+                first_logits=first_logits,
+            ))
+
+    def _sources(self, request: Request, state: SessionState, clock: dict[str, float]) -> dict[str, ModuleSource]:
+        """Each cached module's stored state; modules not stored (or unreadable) are encoded now."""
         started = time.perf_counter()
-        needed = list(dict.fromkeys(p.module for p in plan.pieces if isinstance(p, CachedPiece)))
-        found = {path: self._find(entry, path) for path in needed}
-        timings["lookup_ms"] = (time.perf_counter() - started) * 1000
-        missing = [p for p, f in found.items() if f is None]
-        encoded_now: set[str] = set()
+        record = request.schema
+        hits = {path: self._store.find(record.modules[path].key, self._expect(), runs=len(record.modules[path].ranges))
+                for path in request.modules}
+        clock["lookup_ms"] = (time.perf_counter() - started) * 1000
+        sources = {path: ModuleSource(record.modules[path], hit.entry, hit.tier, hit.shift)
+                   for path, hit in hits.items() if hit is not None}
+        missing = [path for path, hit in hits.items() if hit is None]
         if missing:
             began = time.perf_counter()
-            self._encode_missing(entry, missing, None, force=True)  # absent, or present but unreadable
-            timings["encode_ms"] = (time.perf_counter() - began) * 1000
+            self._encode_missing(record, missing, None, force=True)  # absent, or present but unreadable
+            clock["switch_ms"] += self._sessions.activate(state)  # encoding parked the session
+            clock["encode_ms"] = (time.perf_counter() - began) * 1000
             for path in missing:
-                found[path] = self._find(entry, path)
-                if found[path] is None:  # the RAM budget could not keep it and no disk tier
+                hit = self._store.find(record.modules[path].key, self._expect(), runs=len(record.modules[path].ranges))
+                if hit is None:  # the RAM budget could not keep it and there is no disk tier
                     raise ConfigError(f"module {path!r} could not be kept in the store: raise ram_budget")
-                encoded_now.add(path)
-        sources = {p: ModuleSource(f[0], f[2], entry.ranges[p]) for p, f in found.items() if f is not None}
-        trace = (trace_plan(plan, {p: (s.entry.key.file_stem, s.shift) for p, s in sources.items()}, self._state_ids)
-                 if self.reuse_previous else None)
-        # the previous answer's first cells, if this prompt starts the same way (and nothing was encoded since)
-        reused = common_prefix(kept, trace) if kept is not None and trace is not None and not encoded_now else 0
-        assembly = AssemblyTimings()
-        scratch = list(range(FIRST_SCRATCH_SEQ, self._n_scratch_end))
+                sources[path] = ModuleSource(record.modules[path], hit.entry, "encoded", hit.shift)
+        return sources
+
+    def _prefill_cached(self, request: Request, state: SessionState, clock: dict[str, float]) -> Prefill:
+        """Assemble the request in the request sequence, after what the session's previous request left there if
+        it began the same way (see reuse.py)."""
+        sources = self._sources(request, state, clock)
+        plan = request.plan
+        trace = None
+        if self._reuse_previous:
+            trace = trace_plan(plan, {p: (s.entry.key.file_stem, s.shift) for p, s in sources.items()},
+                               self._state_ids)
+        kept, state.kept = state.kept, None  # the request sequence changes from here on
+        reused = common_prefix(kept, trace) if kept is not None and trace is not None else 0
+        timings = AssemblyTimings()
         try:
-            logits, next_position = self._assemble(plan, sources, scratch, assembly, trace, reused)
+            logits, next_position = self._assemble(request, sources, timings, trace, reused)
         except (StateError, NoKvSlotError) as exc:
-            if not len(self.residents) and not reused:
+            if not len(self._residents) and not reused:
                 raise
             # resident runs (or the reused cells) can leave no contiguous room for a restore: drop them all and
             # assemble from a cleared cache
             logger.info("no room beside %d resident run(s) and %d reused cells (%s); dropping them",
-                        len(self.residents), reused, exc)
-            self.residents.clear()
+                        len(self._residents), reused, exc)
+            self._residents.clear()
             reused = 0
-            assembly = AssemblyTimings()
-            logits, next_position = self._assemble(plan, sources, scratch, assembly, trace, reused)
-        timings.update(restore_ms=assembly.restore_ms, copy_ms=assembly.copy_ms, decode_ms=assembly.decode_ms)
-        cached_tokens: Counter[str] = Counter()
-        for piece in plan.pieces:
-            if isinstance(piece, CachedPiece):
-                cached_tokens[piece.module] += piece.length
-        uses = []
-        for path in needed:
-            stored, tier, shift = found[path]  # type: ignore[misc]
-            source: Source = "encoded" if path in encoded_now else tier
-            uses.append(ModuleUse(path, source, cached_tokens[path], stored.nbytes, shifted=shift != 0))
-        for piece in plan.pieces:
-            if isinstance(piece, UncachedPiece) and piece.kind == "uncached_module" and piece.module:
-                uses.append(ModuleUse(piece.module, "uncached", piece.length))
+            timings = AssemblyTimings()
+            logits, next_position = self._assemble(request, sources, timings, trace, reused)
+        clock.update(restore_ms=timings.restore_ms, decode_ms=timings.decode_ms)
         # a prompt that ends with a cached piece has its last token decoded again, maybe at another position
-        reusable = next_position == plan.next_position and isinstance(plan.pieces[-1], UncachedPiece)
-        return Prefill(logits, next_position, uses, trace if reusable else None, reused,
-                       trace.decoded_cells(reused) if trace is not None else 0)
+        reusable = next_position == plan.next_position and not isinstance(plan.pieces[-1], CachedPiece)
+        restored = trace.restored_cells(reused) if trace is not None else plan.cached_tokens
+        return Prefill(logits, next_position, trace if reusable else None, session_tokens=reused,
+                       cached_tokens=restored, uses=tuple(module_uses(request, sources)))
 
-    def _assemble(self, plan: PromptPlan, sources: dict[str, ModuleSource], scratch: list[int],
-                  assembly: AssemblyTimings, trace: CellTrace | None, reused: int) -> tuple[Any, int]:
-        """Assemble the plan, or only what follows its first ``reused`` cells (the request sequence holds them)."""
+    def _assemble(self, request: Request, sources: dict[str, ModuleSource], timings: AssemblyTimings,
+                  trace: CellTrace | None, reused: int) -> tuple[np.ndarray, int]:
+        """Assemble the request, or only what follows its first ``reused`` cells (the request sequence holds them)."""
+        scratch = list(range(FIRST_SCRATCH_SEQ, self._n_scratch_end))
+        context = self._runtime.context
         if reused and trace is not None:
             # positions grow along a plan: the kept cells are exactly those before the first one to assemble
             keep_below = int(trace.positions[reused - 1]) + 1
-            return assemble(self.runtime.context, plan_after(plan, reused), sources, request_seq=REQUEST_SEQ,
-                            scratch_seqs=scratch, timings=assembly, residents=self.residents,
-                            keep_request_below=keep_below, protect=plan_run_keys(plan, sources))
-        return assemble(self.runtime.context, plan, sources, request_seq=REQUEST_SEQ, scratch_seqs=scratch,
-                        timings=assembly, residents=self.residents)
+            return assemble(context, request.after(plan_after(request.plan, reused)), sources,
+                            request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings, residents=self._residents,
+                            keep_request_below=keep_below, protect=run_keys(request, sources))
+        return assemble(context, request, sources, request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings,
+                        residents=self._residents)
 
-    def _prefill_baseline(self, plan: PromptPlan, timings: dict[str, float]) -> Prefill:
-        self._kept = None
-        tokens = list(plan.baseline_tokens())
-        ctx = self.runtime.context
-        ctx.clear(keep=self.residents.seq_ids)
+    def _prefill_baseline(self, request: Request, clock: dict[str, float]) -> Prefill:
+        """Full prefill of the prompt's tokens from a cleared cache (resident runs stay)."""
+        self._sessions.forget_active()
+        tokens = list(request.plan.baseline_tokens())
+        context = self._runtime.context
+        context.clear(keep=self._residents.seq_ids)
         started = time.perf_counter()
-        logits = ctx.decode(tokens, seq_id=REQUEST_SEQ, start=0)
-        timings["decode_ms"] = (time.perf_counter() - started) * 1000
-        return Prefill(logits, len(tokens), [], None)
+        logits = context.decode(tokens, seq_id=REQUEST_SEQ, start=0)
+        clock["decode_ms"] = (time.perf_counter() - started) * 1000
+        if logits is None:
+            raise EngineError("llama.cpp returned no logits after the prompt")
+        return Prefill(logits, len(tokens), None)
 
-    # -- helpers -----------------------------------------------------------------------------------------
     def _filler_token(self) -> int:
-        tokens = self.runtime.model.tokenize(" ")
+        tokens = self._runtime.model.tokenize(" ")
         return tokens[0] if tokens else 0
 
 
-class AnswerStream:
-    """Text pieces of one answer; ``result`` is set when the stream ends (None while it runs or if closed early)."""
-
-    def __init__(self, pieces: Iterator[str], box: list[Result]) -> None:
-        self._pieces = pieces
-        self._box = box
-
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
-
-    def __next__(self) -> str:
-        return next(self._pieces)
-
-    def close(self) -> None:
-        self._pieces.close()  # type: ignore[attr-defined]
-
-    def __enter__(self) -> AnswerStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def result(self) -> Result | None:
-        return self._box[0] if self._box else None
-
-
 class _Exclusive:
-    """One call at a time: a second thread gets a clear error instead of corrupting the shared context."""
+    """One call at a time: a second caller gets a clear error instead of corrupting the shared context."""
 
     def __init__(self, lock: threading.Lock) -> None:
         self._lock = lock
 
     def __enter__(self) -> None:
         if not self._lock.acquire(blocking=False):
-            raise BusyError("this PromptCache is answering another call; use one PromptCache per thread or "
-                            "serialize calls (for example with a queue)")
+            raise BusyError("this PromptCache is busy with another call, or an earlier answer is still being "
+                            "streamed: finish it (result()) or close() it first; from several threads, use one "
+                            "PromptCache per thread or serialize the calls (for example with a queue)")
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
-
-
-def _ends_user_turn(items: tuple[Any, ...]) -> bool:
-    """True when the prompt's text closes a user turn last (then the assistant's turn is opened for it)."""
-    last: RoleTag | None = None
-    for item in items:
-        if isinstance(item, PromptText):
-            for piece in item.pieces:
-                if isinstance(piece, RoleTag):
-                    last = piece
-    return last is not None and last.role is Role.USER and last.kind in ("close", "empty")
-
-
-def _append_uncached(plan: PromptPlan, tokens: tuple[int, ...], n_ctx: int) -> PromptPlan:
-    from pccpu.errors import LayoutOverflowError
-
-    if not tokens:
-        return plan
-    end = plan.next_position + len(tokens)
-    if end > n_ctx:
-        raise LayoutOverflowError(f"the prompt needs {end} positions with the assistant's turn opened, more than "
-                                  f"n_ctx={n_ctx}")
-    piece = UncachedPiece(tokens, plan.next_position, "trailing", None)
-    return dataclasses.replace(plan, pieces=(*plan.pieces, piece), uncached_tokens=plan.uncached_tokens + len(tokens),
-                               next_position=end)

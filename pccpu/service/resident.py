@@ -20,11 +20,11 @@ bit-identical with, a full prefill (the host-memory path keeps them identical fo
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 
-from pccpu.engine import LlamaContext
-from pccpu.store import EntryKey
+from pccpu.engine.protocols import Context
+from pccpu.errors import InternalError
+from pccpu.store import EntryKey, Lru
 
 logger = logging.getLogger(__name__)
 
@@ -40,30 +40,30 @@ class ResidentStats:
 
 
 class ResidentModules:
-    """Which module runs are resident, in which sequence, least recently used first."""
+    """Which module runs are resident, in which sequence, least recently used first (sizes in KV cells)."""
 
-    def __init__(self, context: LlamaContext, seq_ids: list[int], budget_cells: int) -> None:
-        if budget_cells < 0:
-            raise ValueError("budget_cells must be >= 0")
+    def __init__(self, context: Context, seq_ids: list[int], budget_cells: int) -> None:
         self.context = context
-        self.budget_cells = budget_cells
+        self._runs: Lru[RunKey, int] = Lru(budget_cells)  # key -> seq id
         self._free = list(reversed(seq_ids))
-        self._runs: OrderedDict[RunKey, tuple[int, int]] = OrderedDict()  # key -> (seq id, cells)
-        self._cells = 0
         self.stats = ResidentStats()
 
     @property
     def enabled(self) -> bool:
-        return self.budget_cells > 0
+        return self._runs.budget > 0
+
+    @property
+    def budget_cells(self) -> int:
+        return self._runs.budget
 
     @property
     def used_cells(self) -> int:
-        return self._cells
+        return self._runs.used
 
     @property
     def seq_ids(self) -> list[int]:
         """Sequences that hold resident runs (to keep when the rest of the cache is cleared)."""
-        return [seq for seq, _ in self._runs.values()]
+        return self._runs.values()
 
     def __len__(self) -> int:
         return len(self._runs)
@@ -73,50 +73,44 @@ class ResidentModules:
 
     def get(self, key: RunKey) -> int | None:
         """The sequence holding the run, marked as just used; None when it is not resident."""
-        found = self._runs.get(key)
-        if found is None:
-            return None
-        self._runs.move_to_end(key)
-        self.stats.hits += 1
-        return found[0]
+        seq = self._runs.get(key)
+        if seq is not None:
+            self.stats.hits += 1
+        return seq
 
     def reserve(self, key: RunKey, n_cells: int, *, protect: frozenset[RunKey] = frozenset()) -> int | None:
         """A sequence id to restore the run into, after dropping least recently used runs (never those in
         ``protect``) until it fits; None when it cannot fit. Call ``admit`` once the restore succeeded."""
-        evictable = [k for k in self._runs if k not in protect]
-        kept_cells = sum(self._runs[k][1] for k in self._runs if k in protect)
-        if not self.enabled or kept_cells + n_cells > self.budget_cells or \
-                (not self._free and not evictable):
-            self.stats.refused += 1  # cannot fit even after dropping every other run: drop nothing
+        if not self.enabled:
             return None
-        for old in evictable:  # least recently used first
-            if self._cells + n_cells <= self.budget_cells and self._free:
-                break
-            self._drop(old)
-            self.stats.evicted += 1
-        if self._cells + n_cells > self.budget_cells or not self._free:
+        evicted = self._runs.make_room(n_cells, protect)
+        if evicted is not None and not self._free:  # room enough, but every sequence id is taken
+            oldest = next((k for k in self._runs if k not in protect), None)
+            if oldest is not None:
+                evicted.append((oldest, self._runs.pop(oldest)))  # type: ignore[arg-type]
+        for old, seq in evicted or []:
+            self._release(old, seq)
+        if evicted is None or not self._free:
             self.stats.refused += 1
             return None
         return self._free[-1]
 
     def admit(self, key: RunKey, seq_id: int, n_cells: int) -> None:
         """Record that ``seq_id`` (from ``reserve``) now holds the run."""
-        if key in self._runs:
-            raise ValueError(f"run {key[0].file_stem}#{key[1]} is resident already")
+        if key in self._runs or seq_id not in self._free:
+            raise InternalError(f"run {key[0].file_stem}#{key[1]} admitted twice, or into a taken sequence {seq_id}")
+        if self._runs.put(key, seq_id, n_cells) is None:
+            raise InternalError(f"run {key[0].file_stem}#{key[1]} admitted without room reserved")
         self._free.remove(seq_id)
-        self._runs[key] = (seq_id, n_cells)
-        self._cells += n_cells
         self.stats.admitted += 1
 
     def clear(self) -> None:
         """Drop every resident run."""
-        for key in list(self._runs):
-            self._drop(key)
-            self.stats.evicted += 1
+        for key, seq in self._runs.clear():
+            self._release(key, seq)
 
-    def _drop(self, key: RunKey) -> None:
-        seq_id, n_cells = self._runs.pop(key)
+    def _release(self, key: RunKey, seq_id: int) -> None:
         self.context.seq_rm(seq_id)
-        self._cells -= n_cells
         self._free.append(seq_id)
+        self.stats.evicted += 1
         logger.debug("resident run %s#%d dropped from sequence %d", key[0].file_stem, key[1], seq_id)

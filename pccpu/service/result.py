@@ -1,4 +1,4 @@
-"""What a prompt's answer reports: text, time to first token, what came from where."""
+"""What a prompt's answer reports: text, time to first token, and where each prompt token's KV came from."""
 
 from __future__ import annotations
 
@@ -19,22 +19,41 @@ class ModuleUse:
     shifted: bool = False  # found at another start position and moved
 
 
-@dataclass
+@dataclass(frozen=True)
+class Timings:
+    """Where the time to the first token went, in milliseconds (0 for steps that did not run)."""
+
+    plan_ms: float = 0.0  # parse the prompt and place its pieces
+    switch_ms: float = 0.0  # park the previous session's cells and bring this session's back
+    lookup_ms: float = 0.0  # find module states in the store (disk reads included)
+    encode_ms: float = 0.0  # encode modules that were not stored
+    restore_ms: float = 0.0  # copy stored states into the KV cache (and shift them)
+    decode_ms: float = 0.0  # decode the uncached tokens
+    generate_ms: float = 0.0  # decode the generated tokens (after the first)
+
+
+@dataclass(frozen=True)
 class Result:
+    """One answer. Prompt tokens = ``session_tokens`` (held from the session's previous request) +
+    ``cached_tokens`` (restored from stored module states) + ``uncached_tokens`` (decoded for this request)."""
+
     text: str
-    ttft_ms: float  # from the call to the first sampled token: parse, lookup, restore, decode, first sample
-    cached_tokens: int  # prompt tokens whose KV came from stored states
-    uncached_tokens: int  # prompt tokens decoded for this prompt
-    prompt_tokens: int
+    ttft_ms: float  # from the start of the request to the first sampled token
+    session_tokens: int
+    cached_tokens: int
+    uncached_tokens: int
     generated_tokens: int
-    finish_reason: str
-    modules: list[ModuleUse] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)  # parse/lookup/encode/restore/decode/... in ms
+    finish_reason: str  # eog | stop | length | context | cancelled
+    modules: tuple[ModuleUse, ...] = ()
+    timings: Timings = field(default_factory=Timings)
     cached: bool = True  # False for a full-prefill (baseline) answer
-    # the next-token logits after the prompt (float32 over the vocabulary), kept when asked (ask(keep_logits=True))
+    warnings: tuple[str, ...] = ()  # things the caller may want to fix (modules referenced out of schema order)
+    # the next-token logits after the prompt (float32 over the vocabulary), kept when asked (keep_logits=True)
     first_logits: Any = field(default=None, repr=False, compare=False)
-    # prompt cells still held from the previous answer (its prompt began the same way): neither restored nor decoded
-    reused_tokens: int = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.session_tokens + self.cached_tokens + self.uncached_tokens
 
     @property
     def hits(self) -> int:
@@ -43,4 +62,5 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("first_logits")
+        out["prompt_tokens"] = self.prompt_tokens
         return out

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pccpu.pml import CachedPiece, PromptPlan, UncachedPiece
+from pccpu.pml import CachedPiece, PromptPlan
 
 TOKEN = -1  # ``state`` value of a cell decoded in place; module cells carry a state id >= 0
 
@@ -43,6 +43,10 @@ class CellTrace:
     def decoded_cells(self, n: int) -> int:
         """How many of the first ``n`` cells were decoded in place (the rest came from stored states)."""
         return int(np.count_nonzero(self.states[:n] == TOKEN))
+
+    def restored_cells(self, n: int) -> int:
+        """How many cells after the first ``n`` come from stored states (the rest are decoded)."""
+        return int(np.count_nonzero(self.states[n:] != TOKEN))
 
     def extended(self, tokens: list[int], start: int) -> CellTrace:
         """This trace with ``tokens`` decoded at ``start, start + 1, ...`` after it (the generated answer)."""
@@ -113,6 +117,5 @@ def plan_after(plan: PromptPlan, cells: int) -> PromptPlan:
         elif isinstance(piece, CachedPiece):
             pieces.append(CachedPiece(piece.module, piece.schema_start + cut, piece.start + cut, piece.length - cut))
         else:
-            assert isinstance(piece, UncachedPiece)
             pieces.append(dataclasses.replace(piece, tokens=piece.tokens[cut:], start=piece.start + cut))
     return dataclasses.replace(plan, pieces=tuple(pieces))

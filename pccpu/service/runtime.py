@@ -10,8 +10,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pccpu.engine import ContextSettings, LlamaContext, LlamaModel
-from pccpu.errors import ConfigError
+from pccpu.engine import ContextSettings, LlamaContext, LlamaModel, parse_gpu_layers
+from pccpu.engine.protocols import Context, Model
+from pccpu.errors import ConfigError, UnsupportedModelError
 from pccpu.templates import ChatRoles
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return resolve_model(None if model is None else str(model))
 
 
-def chat_roles_for(model: LlamaModel, mode: str = "auto") -> ChatRoles:
+def chat_roles_for(model: Model, mode: str = "auto") -> ChatRoles:
     if mode not in ROLE_MODES:
         raise ConfigError(f"roles must be one of {', '.join(ROLE_MODES)}, got {mode!r}")
     if mode == "plain":
@@ -46,15 +47,34 @@ def chat_roles_for(model: LlamaModel, mode: str = "auto") -> ChatRoles:
     return ChatRoles.from_template(template, bos_token=bos, eos_token=eos, name=model.path.name)
 
 
+def check_supported(model: Model) -> None:
+    """Refuse models whose cached answers pccpu cannot make right yet."""
+    n_swa = model.info.n_swa
+    if n_swa > 0:
+        # Measured on gemma-3-270m: composed module states differ from full prefill (KL ~0.01 on a prefix
+        # layout), so sliding-window models are refused until their iSWA cache is handled deliberately.
+        raise UnsupportedModelError(
+            f"{model.path.name} uses sliding-window attention (window {n_swa} tokens), which pccpu does not support "
+            "yet: its composed module states do not match a full prefill. Use a model with full attention (for "
+            "example smollm2 or qwen2.5-coder-1.5b)"
+        )
+
+
 @dataclass
 class Runtime:
-    """One model, one context and the text tools that go with them."""
+    """One model, one context, the settings it was created with, and the text tools that go with them."""
 
-    model: LlamaModel
-    context: LlamaContext
+    model: Model
+    context: Context
+    settings: ContextSettings
     roles: ChatRoles
     bos_tokens: tuple[int, ...] = field(default=())
     reserved_cells: int = 0  # KV cells beyond the context's n_ctx for requests (see ``open``)
+
+    @property
+    def n_ctx(self) -> int:
+        """Positions a request may use (the context's cells less those reserved for resident modules)."""
+        return self.context.n_ctx - self.reserved_cells
 
     @classmethod
     def open(
@@ -69,11 +89,11 @@ class Runtime:
         """Load the model and create its context. ``reserve_bytes``: KV memory on top of ``settings.n_ctx``, as
         whole cells (for resident modules); ``reserved_cells`` says how many."""
         path = resolve_model_path(model)
-        llama_model = LlamaModel(path, n_gpu_layers=n_gpu_layers)
+        llama_model = LlamaModel(path, n_gpu_layers=parse_gpu_layers(n_gpu_layers))
         try:
             chat_roles = chat_roles_for(llama_model, roles)
             settings = settings or ContextSettings()
-            reserved = int(reserve_bytes // settings.kv_bytes_per_token(llama_model)) if reserve_bytes > 0 else 0
+            reserved = int(reserve_bytes // settings.kv_bytes_per_token(llama_model.info)) if reserve_bytes > 0 else 0
             if reserved:
                 settings = dataclasses.replace(settings, n_ctx=settings.n_ctx + reserved)
             context = LlamaContext(llama_model, settings)
@@ -81,7 +101,8 @@ class Runtime:
             llama_model.close()
             raise
         bos = (llama_model.bos_token,) if llama_model.add_bos and llama_model.bos_token >= 0 else ()
-        return cls(model=llama_model, context=context, roles=chat_roles, bos_tokens=bos, reserved_cells=reserved)
+        return cls(model=llama_model, context=context, settings=settings, roles=chat_roles, bos_tokens=bos,
+                   reserved_cells=reserved)
 
     def close(self) -> None:
         self.context.close()

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from pccpu.store.entry import EntryMeta, StoredModule
 from pccpu.store.keys import EntryKey, content_key
+from pccpu.store.lru import Lru
 from pccpu.store.module_store import Hit, ModuleStore
-from pccpu.store.ram import StoredModule
 
-__all__ = ["EntryKey", "Hit", "ModuleStore", "StoredModule", "content_key"]
+__all__ = ["EntryKey", "EntryMeta", "Hit", "Lru", "ModuleStore", "StoredModule", "content_key"]

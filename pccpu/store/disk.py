@@ -101,7 +101,7 @@ class DiskTier:
         return path
 
     def infos(self) -> list[DiskEntryInfo]:
-        out = []
+        out: list[DiskEntryInfo] = []
         if not self.directory.is_dir():
             return out
         for entry in os.scandir(self.directory):

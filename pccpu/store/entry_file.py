@@ -45,7 +45,7 @@ class EntryHeader:
 
 
 def payload_checksum(payload: np.ndarray) -> str:
-    return xxhash.xxh3_128(memoryview(payload)).hexdigest()
+    return xxhash.xxh3_128(payload.data).hexdigest()
 
 
 def write_entry(path: Path, header: dict[str, Any], payload: np.ndarray) -> None:
@@ -59,7 +59,7 @@ def write_entry(path: Path, header: dict[str, Any], payload: np.ndarray) -> None
             f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes)))
             f.write(header_bytes)
             f.write(_HEADER_HASH.pack(xxhash.xxh64_intdigest(header_bytes)))
-            f.write(memoryview(payload))
+            f.write(payload.data)
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -119,7 +119,7 @@ def read_entry(path: Path, expect: dict[str, Any]) -> tuple[EntryHeader, np.ndar
                         f"{path}: {name} is {header.fields.get(name)!r}, expected {value!r}; it will be encoded again"
                     )
             payload = np.empty(header.payload_size, dtype=np.uint8)
-            if f.readinto(memoryview(payload)) != header.payload_size:
+            if f.readinto(payload.data) != header.payload_size:
                 raise CorruptEntryError(f"{path}: truncated payload")
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc

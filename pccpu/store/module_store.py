@@ -5,17 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import psutil
 
-from pccpu.errors import ConfigError, StoreError
+from pccpu.errors import ConfigError, CorruptEntryError, StoreError
 from pccpu.paths import store_dir
 from pccpu.store.disk import DiskTier
+from pccpu.store.entry import EntryMeta, StoredModule
 from pccpu.store.keys import NAMESPACE_PATTERN, EntryKey
-from pccpu.store.ram import RamTier, StoredModule
+from pccpu.store.ram import RamTier
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,30 @@ def default_disk_budget(directory: Path) -> int:
 
 
 @dataclass(frozen=True)
+class StoreStats:
+    namespace: str
+    ram_entries: int
+    ram_bytes: int
+    ram_budget_bytes: int
+    ram_evictions: int
+    disk_path: str | None  # None without a disk tier
+    disk_entries: int
+    disk_bytes: int
+    disk_budget_bytes: int
+    disk_write_errors: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Hit:
+    """A stored state found for a key: the entry, the tier it came from, and the shift to apply to all of its
+    cells (non-zero when the same content was stored at another start)."""
+
     entry: StoredModule
     tier: Tier
+    shift: int = 0
 
 
 class ModuleStore:
@@ -74,7 +96,26 @@ class ModuleStore:
         )
         self.disk_errors = 0
 
+    def find(self, key: EntryKey, expect: dict[str, Any], *, runs: int) -> Hit | None:
+        """The state stored under ``key``, else the same content stored at another start (then ``Hit.shift``
+        moves it to ``key.start``). ``runs``: how many text runs the caller's module has; an entry with another
+        count (written by a damaged or foreign store) is dropped and not returned."""
+        starts = [key.start, *sorted(self.starts_of(key.content) - {key.start})]
+        for start in starts:
+            candidate = EntryKey(key.content, start)
+            hit = self.lookup(candidate, expect)
+            if hit is None:
+                continue
+            if len(hit.entry.meta.ranges) != runs:
+                logger.warning("stored module %s holds %d text run(s) where its schema has %d; ignoring it",
+                               candidate.file_stem, len(hit.entry.meta.ranges), runs)
+                self.ram.discard(candidate)
+                continue
+            return Hit(hit.entry, hit.tier, key.start - start)
+        return None
+
     def lookup(self, key: EntryKey, expect: dict[str, Any]) -> Hit | None:
+        """The state stored under exactly ``key`` (RAM first, then disk), checked; None when absent or damaged."""
         entry = self.ram.get(key)
         if entry is not None:
             return Hit(entry, "ram")
@@ -84,7 +125,12 @@ class ModuleStore:
         if found is None:
             return None
         fields, state = found
-        entry = StoredModule(key, state, fields)
+        where = str(self.disk.path_for(key))
+        try:
+            entry = StoredModule(key, state, EntryMeta.from_fields(fields, where=where))
+        except CorruptEntryError as exc:  # damaged metadata is reported and treated as absent, as in disk.read
+            logger.warning("ignoring a stored module: %s", exc)
+            return None
         self.ram.put(entry)
         return Hit(entry, "disk")
 
@@ -105,7 +151,7 @@ class ModuleStore:
         if self.disk is None or not self.disk.writable:
             return
         try:
-            self.disk.write(entry.key, entry.meta, entry.state)
+            self.disk.write(entry.key, entry.meta.to_fields(), entry.state)
         except StoreError as exc:
             self.disk_errors += 1
             self.disk.writable = False
@@ -131,17 +177,12 @@ class ModuleStore:
             removed += self.disk.clear()
         return removed
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> StoreStats:
         disk_infos = self.disk.infos() if self.disk is not None else []
-        return {
-            "namespace": self.namespace,
-            "ram": {"entries": len(self.ram), "bytes": self.ram.used_bytes, "budget_bytes": self.ram.budget_bytes,
-                    "evictions": self.ram.evictions},
-            "disk": {
-                "path": str(self.disk.directory) if self.disk else None,
-                "entries": len(disk_infos),
-                "bytes": sum(i.size for i in disk_infos),
-                "budget_bytes": self.disk.budget_bytes if self.disk else 0,
-                "write_errors": self.disk_errors,
-            },
-        }
+        return StoreStats(
+            namespace=self.namespace, ram_entries=len(self.ram), ram_bytes=self.ram.used_bytes,
+            ram_budget_bytes=self.ram.budget_bytes, ram_evictions=self.ram.evictions,
+            disk_path=str(self.disk.directory) if self.disk else None, disk_entries=len(disk_infos),
+            disk_bytes=sum(i.size for i in disk_infos), disk_budget_bytes=self.disk.budget_bytes if self.disk else 0,
+            disk_write_errors=self.disk_errors,
+        )

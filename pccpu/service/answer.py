@@ -1,0 +1,81 @@
+"""``Answer``: one object for a streamed and a blocking answer (simonw/llm's ``Response`` is the model).
+
+    answer = pc.ask(prompt)
+    for piece in answer:          # text as it is generated
+        print(piece, end="")
+    print(answer.result().ttft_ms)
+
+    pc.ask(prompt).text()         # or block until the end
+
+Nothing runs until the answer is iterated or ``result()``/``text()`` is called; from then until it ends (or is
+closed) it holds its PromptCache, and a second request in the meantime gets a ``BusyError``. ``close()`` stops
+generation early; the result then has ``finish_reason == "cancelled"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from pccpu.errors import SessionError
+from pccpu.service.result import Result
+
+# starts the request: gets a callback for the Result (called once, also when the answer is closed early) and
+# returns the generator of text pieces
+Runner = Callable[[Callable[[Result], None]], Iterator[str]]
+
+
+class Answer:
+    def __init__(self, runner: Runner) -> None:
+        self._runner: Runner | None = runner
+        self._pieces: Iterator[str] | None = None
+        self._chunks: list[str] = []
+        self._result: Result | None = None
+        self._closed = False
+
+    def _set_result(self, result: Result) -> None:
+        self._result = result
+
+    def __iter__(self) -> Iterator[str]:
+        """The answer's text pieces; iterating a finished answer gives them again."""
+        if self._pieces is None and self._runner is not None and not self._closed:
+            self._pieces = self._runner(self._set_result)
+            self._runner = None
+        if self._pieces is None or self._result is not None:
+            yield from list(self._chunks)
+            return
+        yield from self._chunks  # pieces an earlier, interrupted loop already took
+        for piece in self._pieces:
+            self._chunks.append(piece)
+            yield piece
+
+    def result(self) -> Result:
+        """Run the answer to its end (if it is not there yet) and return its Result."""
+        for _ in self:
+            pass
+        if self._result is None:
+            raise SessionError("this answer was closed before it started, so it has no result; ask again")
+        return self._result
+
+    def text(self) -> str:
+        return self.result().text
+
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def close(self) -> None:
+        """Stop generating now (the cells generated so far stay with the session)."""
+        self._closed = True
+        self._runner = None
+        if self._pieces is not None:
+            self._pieces.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> Answer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "closed" if self._closed else "running" if self._pieces else "not started"
+        return f"<Answer {state}: {''.join(self._chunks)[:40]!r}>"
