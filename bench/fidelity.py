@@ -68,12 +68,11 @@ def measure(mode: str, n_prompts: int, max_tokens: int, seed: int, model: str | 
         for i in range(n_prompts):
             name = list(SCHEMAS)[i % len(SCHEMAS)]
             prompt = build_prompt_xml(name, random_selection(layouts[name], rng), SCHEMAS[name])
-            base_logits = pc.first_token_logits(prompt, cache=False)
-            cached_logits = pc.first_token_logits(prompt, cache=True)
-            base = pc.ask(prompt, cache=False, max_tokens=max_tokens)
-            cached = pc.ask(prompt, max_tokens=max_tokens)
-            tb = pc.runtime.model.tokenize(base.text)
-            tc = pc.runtime.model.tokenize(cached.text)
+            base = pc.ask(prompt, cache=False, max_tokens=max_tokens, keep_logits=True).result()
+            cached = pc.ask(prompt, max_tokens=max_tokens, keep_logits=True).result()
+            base_logits, cached_logits = base.first_logits, cached.first_logits
+            tb = pc.tokenize(base.text)
+            tc = pc.tokenize(cached.text)
             same = next((k for k, (a, b) in enumerate(zip(tb, tc, strict=False)) if a != b), min(len(tb), len(tc)))
             rows.append({
                 "mode": mode, "schema": name, "prompt": prompt,

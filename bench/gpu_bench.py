@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -84,24 +85,21 @@ def _median(values: list[float]) -> float:
 def measure_shape(model_path: Path, sizes: list[int], runs: int, corpus: str, n_batch: int,
                   gpu_layers: str = "all") -> list[dict[str, Any]]:
     from pccpu.bench.workloads import build_workload
-    from pccpu.engine.gguf_header import GgufInfo
-    from pccpu.service.prompt_cache import PromptCache
+    from pccpu.engine import LlamaModel
+    from pccpu.service import PromptCache
 
     largest = max(sizes)
     rows: list[dict[str, Any]] = []
-    header = GgufInfo.from_path(model_path)
-    assert header.block_count and header.head_count_kv and header.embedding_length and header.head_count
-    head_dim = header.key_length or header.embedding_length // header.head_count
-    per_token = header.block_count * header.head_count_kv * head_dim * 2 * 2  # K and V, f16
+    with LlamaModel(model_path) as probe:  # its shape sizes the resident budget (mmap: cheap to load twice)
+        per_token = probe.info.kv_bytes_per_token(2.0)  # K and V, f16
     budget = int(per_token * (largest + 512))
     n_ctx = -(-(largest + 512) // 256) * 256
     # reuse_previous=False: host and resident answers alternate on the same prompt, each assembled from scratch
     pc = PromptCache(model_path, n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=gpu_layers, persist=False,
                      reuse_previous=False, resident_budget=budget, ram_budget=8 * budget)
-    model = pc.runtime.model
-    workloads = [build_workload("prefix", n, corpus, model.tokenize, model.detokenize) for n in sizes]
+    workloads = [build_workload("prefix", n, corpus, pc.tokenize, pc.detokenize) for n in sizes]
     try:
-        info = pc.runtime.model.info
+        info = pc.model_info
         for workload in workloads:
             started = time.perf_counter()
             pc.add_schema(workload.schema)
@@ -111,9 +109,9 @@ def measure_shape(model_path: Path, sizes: list[int], runs: int, corpus: str, n_
             def one(kind: str, keep: bool, workload: Any = workload,
                     samples: dict[str, list[dict[str, Any]]] = samples) -> dict[str, Any]:
                 if kind != "resident":
-                    pc.residents.clear()
-                result = pc.ask(workload.prompt, cache=kind != "full", max_tokens=1)
-                sample = {"ttft_ms": result.ttft_ms, "timings": dict(result.timings), "token": result.text,
+                    pc.clear_residents()
+                result = pc.ask(workload.prompt, cache=kind != "full", max_tokens=1).result()
+                sample = {"ttft_ms": result.ttft_ms, "timings": asdict(result.timings), "token": result.text,
                           "cached_tokens": result.cached_tokens, "uncached_tokens": result.uncached_tokens,
                           "state_bytes": sum(m.state_bytes for m in result.modules)}
                 if keep:
@@ -135,7 +133,7 @@ def measure_shape(model_path: Path, sizes: list[int], runs: int, corpus: str, n_
                 "model": model_path.name, "n_layer": info.n_layer, "n_params": info.n_params,
                 "size": workload.size, "cached_tokens": samples["host"][0]["cached_tokens"],
                 "uncached_tokens": samples["host"][0]["uncached_tokens"], "state_bytes": state_bytes,
-                "kv_bytes_per_token": pc.settings.kv_bytes_per_token(model), "encode_s": encode_s,
+                "kv_bytes_per_token": pc.kv_bytes_per_token, "encode_s": encode_s,
                 "ttft_ms": ttft,
                 "ttft_min_ms": {k: min(s["ttft_ms"] for s in v) for k, v in samples.items()},
                 "ttft_max_ms": {k: max(s["ttft_ms"] for s in v) for k, v in samples.items()},
@@ -145,7 +143,7 @@ def measure_shape(model_path: Path, sizes: list[int], runs: int, corpus: str, n_
                 "h2d_bytes_per_s": bandwidth,
                 "bound_ms": {"host": decode_resident + copy_ms, "resident": decode_resident},
                 "first_tokens_agree": len({s["token"] for v in samples.values() for s in v}) == 1,
-                "resident_stats": dict(vars(pc.residents.stats)),
+                "resident_stats": asdict(pc.stats().residents),
                 "samples": samples,
             }
             row["over_bound"] = {k: ttft[k] / row["bound_ms"][k] for k in ("host", "resident")}
@@ -162,27 +160,31 @@ def fidelity(model: str, corpus: str, size: int = 1024, generated: int = 32) -> 
     """First-token KL and greedy agreement of the host and resident paths against full prefill, on the GPU."""
     from pccpu.bench.fidelity import kl_divergence as kl
     from pccpu.bench.workloads import build_workload
-    from pccpu.service.prompt_cache import PromptCache
+    from pccpu.service import PromptCache
 
     out: dict[str, Any] = {"model": model, "size": size}
     for layers in ("all", "none"):
         pc = PromptCache(model, n_ctx=size + 512, n_gpu_layers=layers, persist=False, resident_budget=64 << 20,
                          reuse_previous=False)
         try:
-            m = pc.runtime.model
-            workload = build_workload("prefix", size, corpus, m.tokenize, m.detokenize)
+            workload = build_workload("prefix", size, corpus, pc.tokenize, pc.detokenize)
             pc.add_schema(workload.schema)
-            full = np.asarray(pc.first_token_logits(workload.prompt, cache=False), dtype=np.float64)
-            pc.residents.clear()
-            host = np.asarray(pc.first_token_logits(workload.prompt), dtype=np.float64)
-            resident = np.asarray(pc.first_token_logits(workload.prompt), dtype=np.float64)
-            pc.residents.clear()
-            texts = {"full": pc.ask(workload.prompt, cache=False, max_tokens=generated).text}
-            pc.residents.clear()
-            texts["host"] = pc.ask(workload.prompt, max_tokens=generated).text
-            texts["resident"] = pc.ask(workload.prompt, max_tokens=generated).text
+
+            def logits(prompt: str, cache: bool = True, pc: PromptCache = pc) -> np.ndarray:
+                result = pc.ask(prompt, cache=cache, max_tokens=0, keep_logits=True).result()
+                return np.asarray(result.first_logits, dtype=np.float64)
+
+            full = logits(workload.prompt, cache=False)
+            pc.clear_residents()
+            host = logits(workload.prompt)
+            resident = logits(workload.prompt)
+            pc.clear_residents()
+            texts = {"full": pc.ask(workload.prompt, cache=False, max_tokens=generated).text()}
+            pc.clear_residents()
+            texts["host"] = pc.ask(workload.prompt, max_tokens=generated).text()
+            texts["resident"] = pc.ask(workload.prompt, max_tokens=generated).text()
             out["gpu" if layers == "all" else "cpu"] = {
-                "placement": m.placement, "flash_attn": pc.settings.flash_attn,
+                "placement": "gpu:all" if layers == "all" else "cpu", "flash_attn": layers == "all",
                 "kl": {"host": kl(full, host), "resident": kl(full, resident)},
                 "max_abs_logit_diff": {"host": float(np.abs(full - host).max()),
                                        "resident": float(np.abs(full - resident).max())},

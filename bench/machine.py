@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import platform
@@ -102,16 +101,3 @@ def peak_rss_bytes() -> int:
 
 def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
-
-
-def file_sha256(path: Path) -> str:
-    from pccpu.engine.model import file_sha256_cached
-
-    try:
-        return file_sha256_cached(path)
-    except OSError:
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-        return digest.hexdigest()

@@ -50,8 +50,8 @@ def run_retrieval(pc: Any, prompts: list[tuple[str, str]], max_tokens: int = 24)
     schema added); the scores. Greedy: small models restate the question first, so the code comes late."""
     answers = []
     for prompt, code in prompts:
-        full = pc.ask(prompt, cache=False, max_tokens=max_tokens, keep_logits=True)
-        cached = pc.ask(prompt, max_tokens=max_tokens, keep_logits=True)
+        full = pc.ask(prompt, cache=False, max_tokens=max_tokens, keep_logits=True).result()
+        cached = pc.ask(prompt, max_tokens=max_tokens, keep_logits=True).result()
         top1 = int(np.argmax(full.first_logits)) == int(np.argmax(cached.first_logits))
         answers.append({"code": code, "full": full.text, "cached": cached.text,
                         "full_correct": code in full.text, "cached_correct": code in cached.text,

@@ -29,6 +29,7 @@ from pccpu.bench.systems import (
     run_disk_worker,
 )
 from pccpu.bench.workloads import WORKLOADS, Workload, build_workload
+from pccpu.fingerprint import file_sha256_cached
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None) -> Path:
     corpus = corpus_text()
     for model_name in config.models:
         path = resolve_model(model_name)
-        sha = machine.file_sha256(path)
+        sha = file_sha256_cached(path)
         with LlamaModel(path) as tokenizer_model:
             n_ctx_train = tokenizer_model.info.n_ctx_train
 

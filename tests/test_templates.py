@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from pccpu.engine.gguf_header import GgufInfo
-from pccpu.errors import PccpuError, TemplateError
+from pccpu.errors import ConfigError, PccpuError, TemplateError
 from pccpu.roles import Role, RoleRenderer, RoleTag
 from pccpu.templates import ChatRoles
 
@@ -189,38 +189,26 @@ def test_gemma3_it_bos_dropped() -> None:
 
 
 def test_gemma3_270m_base_model_has_no_template(caplog: pytest.LogCaptureFixture) -> None:
-    """The registry's gemma-3-270m GGUF carries no chat template: error by default, fallback only on request."""
-    md = {
-        "general.architecture": "gemma3",
-        "general.name": "Gemma 3 270m",
-        "tokenizer.ggml.tokens": ["<pad>", "<eos>", "<bos>"],
-        "tokenizer.ggml.bos_token_id": 2,
-        "tokenizer.ggml.eos_token_id": 1,
-    }
-    info = GgufInfo.from_metadata(md)
-    assert info.chat_template is None and info.bos_token == "<bos>"
-    with pytest.raises(TemplateError, match=r"Gemma 3 270m.*no tokenizer\.chat_template.*fallback='plain'"):
-        ChatRoles.from_gguf_info(info)
-    with caplog.at_level(logging.WARNING, logger="pccpu.templates"):
-        plain = ChatRoles.from_gguf_info(info, fallback="plain")
+    """The registry's gemma-3-270m GGUF carries no chat template: plain roles with a warning, an error on request."""
+    from pccpu.service.runtime import chat_roles_for
+
+    base = SimpleNamespace(chat_template=None, path=Path("gemma-3-270m-Q4_K_M.gguf"))
+    with caplog.at_level(logging.WARNING, logger="pccpu.service"):
+        plain = chat_roles_for(base)  # type: ignore[arg-type]
     assert plain.source == "plain"
-    assert "plain" in caplog.text and "Gemma 3 270m" in caplog.text
+    assert "gemma-3-270m-Q4_K_M.gguf has no chat template" in caplog.text
     assert all(plain.render(tag(role, k)) == "" for role in Role for k in ("open", "close", "empty"))
     assert plain.generation_prompt == ""
-    chatml = ChatRoles.from_gguf_info(info, fallback="chatml")
+    with pytest.raises(ConfigError, match=r"has no chat template; use roles='plain'"):
+        chat_roles_for(base, "template")  # type: ignore[arg-type]
+    chatml = chat_roles_for(base, "chatml")  # type: ignore[arg-type]
     assert chatml.source == "chatml" and chatml.render(tag(U, "open")) == "<|im_start|>user\n"
 
 
-def test_from_gguf_info_with_template() -> None:
-    md = {
-        "general.architecture": "qwen2",
-        "general.name": "Qwen2.5 Coder",
-        "tokenizer.chat_template": load("qwen2.5-coder-1.5b"),
-        "tokenizer.ggml.tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "tokenizer.ggml.bos_token_id": 0,
-        "tokenizer.ggml.eos_token_id": 2,
-    }
-    r = ChatRoles.from_gguf_info(GgufInfo.from_metadata(md))
+def test_from_template_keeps_the_model_name() -> None:
+    r = ChatRoles.from_template(
+        load("qwen2.5-coder-1.5b"), bos_token="<|endoftext|>", eos_token="<|im_end|>", name="Qwen2.5 Coder"
+    )
     assert r.name == "Qwen2.5 Coder" and r.default_system == QWEN_DEFAULT
 
 
@@ -273,6 +261,15 @@ def test_fallback_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
     assert r.render(tag(U, "open")) == "<|im_start|>user\n"
     assert r.render(tag(S, "empty")) == ""
     assert r.generation_prompt == "<|im_start|>assistant\n"
+
+
+def test_plain_fallback_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="pccpu.templates"):
+        r = ChatRoles.from_template(LLAMA2, bos_token="<s>", eos_token="</s>", name="llama2", fallback="plain")
+    assert r.source == "plain" and r.name == "llama2 (plain fallback)"
+    assert "llama2" in caplog.text and "plain (empty) roles" in caplog.text
+    assert all(r.render(tag(role, k)) == "" for role in Role for k in ("open", "close", "empty"))
+    assert r.generation_prompt == ""
 
 
 def test_unknown_fallback() -> None:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import logging
-import os
 import re
 import threading
 from dataclasses import dataclass
@@ -14,10 +11,10 @@ from pathlib import Path
 
 from pccpu.engine._lib import lib
 from pccpu.errors import ConfigError, InvalidArgumentError, ModelError, UnsupportedModelError
+from pccpu.fingerprint import GGUF_MAGIC, file_sha256_cached, read_magic
 
 logger = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 ALL_LAYERS = -1  # n_gpu_layers: offload every layer
 
 
@@ -245,36 +242,8 @@ def _check_gguf_file(path: Path) -> None:
     if not path.is_file():
         raise ModelError(f"model file not found: {path} (give a registry name such as 'smollm2' or a .gguf path)")
     try:
-        with path.open("rb") as f:
-            magic = f.read(4)
+        magic = read_magic(path)
     except OSError as exc:
         raise ModelError(f"cannot read model file {path}: {exc}") from exc
     if magic != GGUF_MAGIC:
         raise UnsupportedModelError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-
-
-def file_sha256_cached(path: Path) -> str:
-    from pccpu.paths import pccpu_home
-
-    stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}"
-    index = pccpu_home() / "fingerprints.json"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key in known:
-        return str(known[key])
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    known[key] = digest.hexdigest()
-    try:
-        index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, index)
-    except OSError as exc:  # a read-only home only costs a re-hash next time
-        logger.warning("could not remember the model fingerprint in %s: %s", index, exc)
-    return known[key]

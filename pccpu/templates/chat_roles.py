@@ -130,7 +130,7 @@ def _rebuild(p: _Pieces, messages: Sequence[Message], add_generation_prompt: boo
 class ChatRoles:
     """A :class:`pccpu.roles.RoleRenderer` built from a chat template, ChatML, or nothing (:meth:`plain`).
 
-    Build it with :meth:`from_template`, :meth:`from_gguf_info`, :meth:`chatml` or :meth:`plain`.
+    Build it with :meth:`from_template`, :meth:`chatml` or :meth:`plain`.
     """
 
     def __init__(
@@ -183,7 +183,7 @@ class ChatRoles:
         try:
             pieces = _split(template, bos_token=bos_token, eos_token=eos_token, name=name)
         except TemplateError as exc:
-            return cls._fallback(fallback, name, str(exc), exc)
+            return cls._fallback(fallback, name, exc)
         return cls(
             opens=pieces.opens,
             closes=pieces.closes,
@@ -193,26 +193,6 @@ class ChatRoles:
             system_folded=pieces.system_folded,
             source="template",
             name=name,
-        )
-
-    @classmethod
-    def from_gguf_info(cls, info: Any, *, fallback: Fallback = "error") -> ChatRoles:
-        """Build from a :class:`pccpu.engine.gguf_header.GgufInfo` (its chat template, BOS/EOS texts and name).
-
-        A model without ``tokenizer.chat_template`` (a base model, such as gemma-3-270m) raises
-        :class:`TemplateError` unless ``fallback`` names one.
-        """
-        _check_fallback(fallback)
-        name = info.name or info.architecture or "model"
-        if not info.chat_template:
-            reason = f"{name}: the GGUF has no tokenizer.chat_template (a base model?)"
-            return cls._fallback(fallback, name, reason, None)
-        return cls.from_template(
-            info.chat_template,
-            bos_token=info.bos_token or "",
-            eos_token=info.eos_token or "",
-            name=name,
-            fallback=fallback,
         )
 
     @classmethod
@@ -234,16 +214,14 @@ class ChatRoles:
         return cls(opens=empty, closes=empty, source="plain", name=name)
 
     @classmethod
-    def _fallback(cls, fallback: Fallback, name: str, reason: str, exc: Exception | None) -> ChatRoles:
+    def _fallback(cls, fallback: Fallback, name: str, exc: TemplateError) -> ChatRoles:
         if fallback == "chatml":
-            log.warning("%s; using the ChatML fallback roles as asked", reason)
+            log.warning("%s; using the ChatML fallback roles as asked", exc)
             return cls.chatml(name=f"{name} (ChatML fallback)")
         if fallback == "plain":
-            log.warning("%s; using plain (empty) roles as asked", reason)
+            log.warning("%s; using plain (empty) roles as asked", exc)
             return cls.plain(name=f"{name} (plain fallback)")
-        if exc is not None:
-            raise exc
-        raise TemplateError(reason + "; pass fallback='plain' (or 'chatml') to use role wrappers anyway")
+        raise exc
 
     # ----------------------------------------------------------------------------------------- renderer API
     @property
