@@ -1,5 +1,5 @@
-"""Encoding modules: decode each pass (see ``passes.py``) into a work sequence and save every module's text cells
-as its own sequence state.
+"""Encoding modules (``ModuleEncoder``): decode each pass (see ``passes.py``) into a work sequence and save every
+module's text cells as its own sequence state.
 
 Positions. Cells before the first saved cell of a pass are context: they are packed right before it, so the first
 saved cell is decoded at its exact schema position with its context adjacent. After that, runs of consecutive
@@ -18,7 +18,12 @@ import numpy as np
 
 from pccpu.engine.protocols import Context
 from pccpu.errors import InternalError
-from pccpu.service.passes import Cell, EncodePass, ModuleCells
+from pccpu.service.passes import Cell, ContextMode, EncodePass, ModuleCells
+from pccpu.service.resident import ResidentModules
+from pccpu.service.runtime import Runtime
+from pccpu.service.schemas import SchemaRecord
+from pccpu.service.sessions import SessionTable
+from pccpu.store import EntryKey, EntryMeta, Hit, ModuleStore, StoredModule, content_key
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +113,72 @@ def encode_pass(
         stats.tokens += len(encode_pass.cells)
         stats.seconds += time.perf_counter() - started
     return out
+
+
+class ModuleEncoder:
+    """Keys a schema's module states and encodes the missing ones into the store.
+
+    Encoding starts from a cleared KV cache, as everywhere: the active session is parked first (its cells come back
+    with its next request) and resident runs are dropped (cells placed around them would give slightly other states
+    under the same key). Processes sharing a store take turns (its inter-process lock), and the second finds the
+    states the first wrote instead of writing them again.
+    """
+
+    def __init__(self, runtime: Runtime, store: ModuleStore, mode: ContextMode, sessions: SessionTable,
+                 residents: ResidentModules, *, work_seq: int, save_seq: int) -> None:
+        self._runtime = runtime
+        self._store = store
+        self._mode = mode
+        self._sessions = sessions
+        self._residents = residents
+        self._work_seq, self._save_seq = work_seq, save_seq
+        self._model_fp = runtime.model.fingerprint
+        self._state_fp = runtime.settings.state_fingerprint(runtime.model.placement)
+        self.stats = EncodeStats()
+
+    def key(self, context: tuple[Cell, ...], cells: tuple[Cell, ...], start: int) -> EntryKey:
+        content = content_key(namespace=self._store.namespace, model_fingerprint=self._model_fp,
+                              state_fingerprint=self._state_fp, mode=self._mode, context=context, cells=cells,
+                              start=start)
+        return EntryKey(content, start)
+
+    def find(self, record: SchemaRecord, path: str) -> Hit | None:
+        """The module's stored state: at its key, or the same content stored at another start (shifted)."""
+        module = record.modules[path]
+        return self._store.find(module.key, {"model": self._model_fp, "state": self._state_fp},
+                                runs=len(module.ranges))
+
+    def stored(self, record: SchemaRecord, path: str) -> bool:
+        """Whether the module's state is stored, at its start or another (a cheap check: nothing is read)."""
+        key = record.modules[path].key
+        return self._store.contains(key) or bool(self._store.starts_of(key.content))
+
+    def encode_missing(self, record: SchemaRecord, paths: list[str], progress: ProgressCallback | None, *,
+                       force: bool = False) -> int:
+        """Run the passes that encode ``paths`` (those not stored, unless ``force``); the number of passes."""
+        if not force and all(self.stored(record, p) for p in paths):
+            return 0
+        with self._store.exclusive():
+            # another process may have encoded them while this one waited for the lock
+            missing = list(paths) if force else [p for p in paths if not self.stored(record, p)]
+            indices = sorted({record.modules[p].pass_index for p in missing})
+            if not indices:
+                return 0
+            self._sessions.park_active()
+            self._residents.clear()
+            total = sum(len(record.passes[i].cells) for i in indices)
+            done = 0
+            for i in indices:
+                encoded = encode_pass(self._runtime.context, record.passes[i], work_seq=self._work_seq,
+                                      save_seq=self._save_seq, stats=self.stats, progress=progress, done_before=done,
+                                      total=total)
+                done += len(record.passes[i].cells)
+                for module in encoded:
+                    meta = EntryMeta(schema=record.name, module=module.cells.path, mode=self._mode,
+                                     ranges=module.cells.ranges, run_bytes=module.run_bytes, model=self._model_fp,
+                                     state=self._state_fp, model_file=self._runtime.model.path.name,
+                                     created=time.time())
+                    self._store.save(StoredModule(record.modules[module.cells.path].key, module.state, meta))
+        logger.info("encoded %d module(s) of %r in %d pass(es): %d tokens at %.0f tokens/s", len(missing),
+                    record.name, len(indices), total, self.stats.tokens_per_second)
+        return len(indices)

@@ -5,13 +5,10 @@
         answer = pc.ask(open("schemas/travel.domestic.prompt.xml").read())
         print(answer.text(), answer.result().ttft_ms)
 
-The request path, once per request: ``plan`` (parse, check and place every piece: a :class:`Request`) -> switch to
-the request's session -> find each cached module's state in the store (encoding what is missing) -> trace the
-request's cells and keep what the session already holds -> assemble the rest (restore, copy, decode) -> generate.
-
-Sequence ids in the context: 0 the request (the active session's cells), 1 and 2 for encoding (work and save),
-3..n_seq_max-1 scratch sequences that hold restored module states while a request is assembled, then one per
-resident module run (see ``resident.py``) when a resident budget is set.
+This is the facade: configuration, schemas and the public calls. What a call does lives in one module each:
+``request.py`` (a planned prompt), ``encoder.py`` (encoding missing modules), ``answering.py`` (the request path:
+restore, reuse, assemble, generate), ``sessions.py`` (conversations), ``answer.py`` (the streamed or blocking
+answer).
 """
 
 from __future__ import annotations
@@ -19,33 +16,30 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING
 
-import numpy as np
 from typing_extensions import Unpack
 
 from pccpu.engine import ContextSettings, ModelInfo, available_cores, parse_gpu_layers
-from pccpu.errors import BusyError, ConfigError, EngineError, NoKvSlotError, OptionError, StateError
-from pccpu.generation.stream import GenerationOutcome, generate
-from pccpu.pml import CachedPiece, SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
+from pccpu.errors import BusyError, ConfigError, OptionError
+from pccpu.pml import SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
 from pccpu.service.answer import Answer
-from pccpu.service.assembler import AssemblyTimings, assemble, run_keys
-from pccpu.service.encoder import EncodeStats, ProgressCallback, encode_pass
+from pccpu.service.answering import FIRST_SCRATCH_SEQ, REQUEST_SEQ, SAVE_SEQ, WORK_SEQ, RequestPath
+from pccpu.service.encoder import EncodeStats, ModuleEncoder, ProgressCallback
 from pccpu.service.options import GenerationKwargs, GenerationOptions
 from pccpu.service.passes import ContextMode, cached_modules, check_mode, plan_passes
 from pccpu.service.prompt_builder import Selection, build_prompt_xml
-from pccpu.service.request import ModuleSource, Request, module_uses, order_warnings
+from pccpu.service.request import Request, order_warnings
 from pccpu.service.resident import ResidentModules, ResidentStats
-from pccpu.service.result import ModuleUse, Result, Timings
-from pccpu.service.reuse import CellTrace, StateIds, common_prefix, plan_after, trace_plan
+from pccpu.service.result import Result
 from pccpu.service.runtime import Runtime, check_supported
 from pccpu.service.schemas import SchemaRecord, SchemaRegistry
 from pccpu.service.sessions import SessionState, SessionStats, SessionTable
 from pccpu.service.turns import ends_user_turn, with_generation_prompt
-from pccpu.store import EntryKey, EntryMeta, ModuleStore, StoredModule, content_key
+from pccpu.store import ModuleStore
 from pccpu.store.module_store import StoreStats, default_ram_budget
 
 if TYPE_CHECKING:
@@ -53,7 +47,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REQUEST_SEQ, WORK_SEQ, SAVE_SEQ, FIRST_SCRATCH_SEQ = 0, 1, 2, 3
+__all__ = ["REQUEST_SEQ", "CacheStats", "PromptCache"]
 
 
 @dataclass(frozen=True)
@@ -62,17 +56,6 @@ class CacheStats:
     sessions: SessionStats
     residents: ResidentStats
     encode: EncodeStats
-
-
-class Prefill(NamedTuple):
-    """A prompt in the request sequence: the logits after it, and where its cells came from."""
-
-    logits: np.ndarray
-    next_position: int  # where generation continues
-    trace: CellTrace | None  # what the request's cells hold, for the session's next request (None: not reusable)
-    session_tokens: int = 0
-    cached_tokens: int = 0
-    uses: tuple[ModuleUse, ...] = ()
 
 
 class PromptCache:
@@ -140,28 +123,27 @@ class PromptCache:
             raise
         self._runtime = runtime
         self.n_ctx = runtime.n_ctx  # the longest prompt plus answer; the context has extra cells for resident runs
-        self._n_scratch_end = n_seq_max
         try:
             self._store = ModuleStore(directory=store_dir, namespace=namespace, ram_budget=ram_budget,
                                       disk_budget=disk_budget, persist=persist)
         except BaseException:
             runtime.close()
             raise
-        self._model_fp = runtime.model.fingerprint
-        self._state_fp = runtime.settings.state_fingerprint(runtime.model.placement)
         self._residents = ResidentModules(runtime.context, list(range(n_seq_max, n_seq_max + resident_seqs)),
                                           runtime.reserved_cells if resident_budget else 0)
         budget = int(default_ram_budget() * 0.4) if session_budget is None else session_budget
         self._sessions = SessionTable(runtime.context, REQUEST_SEQ, budget, self._residents.seq_ids)
         self._default_session = self._sessions.open("default")
-        self._reuse_previous = reuse_previous
+        self._encoder = ModuleEncoder(runtime, self._store, self.mode, self._sessions, self._residents,
+                                      work_seq=WORK_SEQ, save_seq=SAVE_SEQ)
+        self._path = RequestPath(runtime, self._encoder, self._sessions, self._residents, n_ctx=self.n_ctx,
+                                 n_scratch_end=n_seq_max, reuse_previous=reuse_previous)
         self._schemas = SchemaRegistry()
-        self._filler = self._filler_token()
+        filler = runtime.model.tokenize(" ")  # fills parameter slots beyond their scaffold when encoding
+        self._filler = filler[0] if filler else 0
         opening = runtime.roles.generation_prompt  # the assistant's turn, opened after a user turn
         self._generation_prompt = tuple(runtime.model.tokenize(opening)) if opening else ()
-        self._state_ids = StateIds()
         self._lock = threading.Lock()
-        self._encode_stats = EncodeStats()
 
     # -- lifecycle and what a caller may read ------------------------------------------------------------
     def close(self) -> None:
@@ -194,7 +176,7 @@ class PromptCache:
         return self._runtime.model.detokenize(tokens)
 
     def stats(self) -> CacheStats:
-        return CacheStats(self._store.stats(), self._sessions.stats(), self._residents.stats, self._encode_stats)
+        return CacheStats(self._store.stats(), self._sessions.stats(), self._residents.stats, self._encoder.stats)
 
     def warm_up(self) -> None:
         """Decode one token and drop it: the first decode of a context pays one-time costs (graph setup, page
@@ -230,17 +212,17 @@ class PromptCache:
             parsed = parse_schema(schema)
             rt = self._runtime
             layout = build_layout(parsed, rt.model, rt.roles, bos_tokens=rt.bos_tokens, n_ctx=self.n_ctx)
-            record = SchemaRecord.build(layout, plan_passes(layout, self.mode, self._filler), self._key)
+            record = SchemaRecord.build(layout, plan_passes(layout, self.mode, self._filler), self._encoder.key)
             self._schemas.add(record)
             if encode:
-                self._encode_missing(record, cached_modules(layout), progress)
+                self._encoder.encode_missing(record, cached_modules(layout), progress)
             return layout
 
     def encode(self, name: str, *, progress: ProgressCallback | None = None) -> int:
         """Encode every module of schema ``name`` that is not stored; the number of passes run."""
         with self._exclusive():
             record = self._schemas.get(name)
-            return self._encode_missing(record, list(record.modules), progress)
+            return self._encoder.encode_missing(record, list(record.modules), progress)
 
     def pin(self, schema: str, module: str | None = None) -> int:
         """Keep a schema's module states (or one module's) in RAM whatever the budget pressure; the number
@@ -251,50 +233,6 @@ class PromptCache:
             for path in paths:
                 self._store.pin(record.modules[path].key)
             return len(paths)
-
-    def _key(self, context: tuple[tuple[int, int], ...], cells: tuple[tuple[int, int], ...], start: int) -> EntryKey:
-        content = content_key(namespace=self._store.namespace, model_fingerprint=self._model_fp,
-                              state_fingerprint=self._state_fp, mode=self.mode, context=context, cells=cells,
-                              start=start)
-        return EntryKey(content, start)
-
-    def _expect(self) -> dict[str, Any]:
-        return {"model": self._model_fp, "state": self._state_fp}
-
-    def _stored(self, record: SchemaRecord, path: str) -> bool:
-        """Whether the module's state is stored, at its start or another (a cheap check: nothing is read)."""
-        key = record.modules[path].key
-        return self._store.contains(key) or bool(self._store.starts_of(key.content))
-
-    def _encode_missing(self, record: SchemaRecord, paths: list[str], progress: ProgressCallback | None, *,
-                        force: bool = False) -> int:
-        """Run the passes that encode ``paths`` (those not stored, unless ``force``); the number of passes."""
-        if not force and all(self._stored(record, p) for p in paths):
-            return 0
-        with self._store.exclusive():
-            # another process may have encoded them while this one waited for the lock
-            missing = list(paths) if force else [p for p in paths if not self._stored(record, p)]
-            indices = sorted({record.modules[p].pass_index for p in missing})
-            if not indices:
-                return 0
-            # encoding starts from a cleared cache, as everywhere: the active session is parked first, and resident
-            # runs are dropped (cells placed around them would give slightly other states under the same key)
-            self._sessions.park_active()
-            self._residents.clear()
-            total = sum(len(record.passes[i].cells) for i in indices)
-            done = 0
-            for i in indices:
-                encoded = encode_pass(self._runtime.context, record.passes[i], work_seq=WORK_SEQ, save_seq=SAVE_SEQ,
-                                      stats=self._encode_stats, progress=progress, done_before=done, total=total)
-                done += len(record.passes[i].cells)
-                for module in encoded:
-                    meta = EntryMeta(schema=record.name, module=module.cells.path, mode=self.mode,
-                                     ranges=module.cells.ranges, run_bytes=module.run_bytes, model=self._model_fp,
-                                     state=self._state_fp, model_file=self.model_path.name, created=time.time())
-                    self._store.save(StoredModule(record.modules[module.cells.path].key, module.state, meta))
-        logger.info("encoded %d module(s) of %r in %d pass(es): %d tokens at %.0f tokens/s", len(missing),
-                    record.name, len(indices), total, self._encode_stats.tokens_per_second)
-        return len(indices)
 
     # -- requests ----------------------------------------------------------------------------------------
     def plan(self, prompt: str | Path, *, add_generation_prompt: bool | None = None) -> Request:
@@ -347,8 +285,9 @@ class PromptCache:
             self._sessions.close(state)
 
     def _run(self, prompt: str | Path | Request, state: SessionState, cache: bool, opts: GenerationOptions,
-             done: Any) -> Iterator[str]:
-        """The request path (see the module docstring); ``done`` gets the Result, also when stopped early."""
+             done: Callable[[Result], None]) -> Iterator[str]:
+        """Plan (unless given a Request), switch to the session, then the request path (``answering.py``);
+        ``done`` gets the Result, also when the answer is stopped early."""
         with self._exclusive():
             started = time.perf_counter()
             request = prompt if isinstance(prompt, Request) else self.plan(
@@ -360,138 +299,13 @@ class PromptCache:
             clock["switch_ms"] = self._sessions.activate(state)
             state.requests += 1
             try:
-                prefill = self._prefill_cached(request, state, clock) if cache else self._prefill_baseline(request,
-                                                                                                            clock)
+                prefill = (self._path.prefill_cached(request, state, clock) if cache
+                           else self._path.prefill_baseline(request, clock))
             except BaseException:
                 self._runtime.context.seq_rm(REQUEST_SEQ)  # whatever the failed assembly left
                 self._sessions.forget_active()
                 raise
-            yield from self._generate(request, state, prefill, opts, started, clock, cache, done)
-
-    def _generate(self, request: Request, state: SessionState, prefill: Prefill, opts: GenerationOptions,
-                  started: float, clock: dict[str, float], cache: bool, done: Any) -> Iterator[str]:
-        context, model = self._runtime.context, self._runtime.model
-        first_logits = prefill.logits.copy() if opts.keep_logits else None  # generation reuses the logits buffer
-        # the prompt's tokens matter to the repeat penalty only; building them costs ~1 ms at 8K tokens
-        history = list(request.plan.baseline_tokens()) if opts.repeat_penalty != 1.0 else []
-        outcome = GenerationOutcome()
-        pieces = generate(context, model, prefill.logits, seq_id=REQUEST_SEQ, next_position=prefill.next_position,
-                          settings=opts.generation(), history=history, outcome=outcome, n_ctx=self.n_ctx)
-        ttft_ms: float | None = None
-        clean = False
-        try:
-            for piece in pieces:
-                if ttft_ms is None:
-                    ttft_ms = (time.perf_counter() - started) * 1000
-                yield piece
-            clean = True
-        except GeneratorExit:  # the caller stopped early: the cells decoded so far are sound
-            clean = True
-            raise
-        finally:
-            pieces.close()
-            if clean and prefill.trace is not None and self._reuse_previous:
-                # the generated tokens decoded into the request follow the prompt's cells
-                answered = max(context.seq_pos_max(REQUEST_SEQ) + 1 - prefill.next_position, 0)
-                state.kept = prefill.trace.extended(outcome.tokens[:answered], prefill.next_position)
-            else:
-                state.kept = None
-                context.seq_rm(REQUEST_SEQ)
-            if ttft_ms is None:  # nothing streamed (end of generation first, or max_tokens=0)
-                ttft_ms = (time.perf_counter() - started) * 1000
-            decoded = request.prompt_tokens - prefill.session_tokens - prefill.cached_tokens
-            done(Result(
-                text=outcome.text, ttft_ms=ttft_ms, session_tokens=prefill.session_tokens,
-                cached_tokens=prefill.cached_tokens, uncached_tokens=decoded, generated_tokens=len(outcome.tokens),
-                finish_reason=outcome.finish_reason, modules=prefill.uses,
-                timings=Timings(generate_ms=outcome.decode_ms, **clock), cached=cache, warnings=request.warnings,
-                first_logits=first_logits,
-            ))
-
-    def _sources(self, request: Request, state: SessionState, clock: dict[str, float]) -> dict[str, ModuleSource]:
-        """Each cached module's stored state; modules not stored (or unreadable) are encoded now."""
-        started = time.perf_counter()
-        record = request.schema
-        hits = {path: self._store.find(record.modules[path].key, self._expect(), runs=len(record.modules[path].ranges))
-                for path in request.modules}
-        clock["lookup_ms"] = (time.perf_counter() - started) * 1000
-        sources = {path: ModuleSource(record.modules[path], hit.entry, hit.tier, hit.shift)
-                   for path, hit in hits.items() if hit is not None}
-        missing = [path for path, hit in hits.items() if hit is None]
-        if missing:
-            began = time.perf_counter()
-            self._encode_missing(record, missing, None, force=True)  # absent, or present but unreadable
-            clock["switch_ms"] += self._sessions.activate(state)  # encoding parked the session
-            clock["encode_ms"] = (time.perf_counter() - began) * 1000
-            for path in missing:
-                hit = self._store.find(record.modules[path].key, self._expect(), runs=len(record.modules[path].ranges))
-                if hit is None:  # the RAM budget could not keep it and there is no disk tier
-                    raise ConfigError(f"module {path!r} could not be kept in the store: raise ram_budget")
-                sources[path] = ModuleSource(record.modules[path], hit.entry, "encoded", hit.shift)
-        return sources
-
-    def _prefill_cached(self, request: Request, state: SessionState, clock: dict[str, float]) -> Prefill:
-        """Assemble the request in the request sequence, after what the session's previous request left there if
-        it began the same way (see reuse.py)."""
-        sources = self._sources(request, state, clock)
-        plan = request.plan
-        trace = None
-        if self._reuse_previous:
-            trace = trace_plan(plan, {p: (s.entry.key.file_stem, s.shift) for p, s in sources.items()},
-                               self._state_ids)
-        kept, state.kept = state.kept, None  # the request sequence changes from here on
-        reused = common_prefix(kept, trace) if kept is not None and trace is not None else 0
-        timings = AssemblyTimings()
-        try:
-            logits, next_position = self._assemble(request, sources, timings, trace, reused)
-        except (StateError, NoKvSlotError) as exc:
-            if not len(self._residents) and not reused:
-                raise
-            # resident runs (or the reused cells) can leave no contiguous room for a restore: drop them all and
-            # assemble from a cleared cache
-            logger.info("no room beside %d resident run(s) and %d reused cells (%s); dropping them",
-                        len(self._residents), reused, exc)
-            self._residents.clear()
-            reused = 0
-            timings = AssemblyTimings()
-            logits, next_position = self._assemble(request, sources, timings, trace, reused)
-        clock.update(restore_ms=timings.restore_ms, decode_ms=timings.decode_ms)
-        # a prompt that ends with a cached piece has its last token decoded again, maybe at another position
-        reusable = next_position == plan.next_position and not isinstance(plan.pieces[-1], CachedPiece)
-        restored = trace.restored_cells(reused) if trace is not None else plan.cached_tokens
-        return Prefill(logits, next_position, trace if reusable else None, session_tokens=reused,
-                       cached_tokens=restored, uses=tuple(module_uses(request, sources)))
-
-    def _assemble(self, request: Request, sources: dict[str, ModuleSource], timings: AssemblyTimings,
-                  trace: CellTrace | None, reused: int) -> tuple[np.ndarray, int]:
-        """Assemble the request, or only what follows its first ``reused`` cells (the request sequence holds them)."""
-        scratch = list(range(FIRST_SCRATCH_SEQ, self._n_scratch_end))
-        context = self._runtime.context
-        if reused and trace is not None:
-            # positions grow along a plan: the kept cells are exactly those before the first one to assemble
-            keep_below = int(trace.positions[reused - 1]) + 1
-            return assemble(context, request.after(plan_after(request.plan, reused)), sources,
-                            request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings, residents=self._residents,
-                            keep_request_below=keep_below, protect=run_keys(request, sources))
-        return assemble(context, request, sources, request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings,
-                        residents=self._residents)
-
-    def _prefill_baseline(self, request: Request, clock: dict[str, float]) -> Prefill:
-        """Full prefill of the prompt's tokens from a cleared cache (resident runs stay)."""
-        self._sessions.forget_active()
-        tokens = list(request.plan.baseline_tokens())
-        context = self._runtime.context
-        context.clear(keep=self._residents.seq_ids)
-        started = time.perf_counter()
-        logits = context.decode(tokens, seq_id=REQUEST_SEQ, start=0)
-        clock["decode_ms"] = (time.perf_counter() - started) * 1000
-        if logits is None:
-            raise EngineError("llama.cpp returned no logits after the prompt")
-        return Prefill(logits, len(tokens), None)
-
-    def _filler_token(self) -> int:
-        tokens = self._runtime.model.tokenize(" ")
-        return tokens[0] if tokens else 0
+            yield from self._path.generate(request, state, prefill, opts, started, clock, cache, done)
 
 
 class _Exclusive:
