@@ -116,6 +116,13 @@ def test_closed_before_start_has_no_result(pc: PromptCache) -> None:
         answer.result()
 
 
+def test_a_failed_request_raises_its_error_every_time(pc: PromptCache) -> None:
+    answer = pc.ask('<prompt schema="nope"><user>Hi</user></prompt>')
+    for _ in range(2):
+        with pytest.raises(UnknownSchemaError, match="'nope' was not added"):
+            answer.result()
+
+
 def test_prefill_only_keeps_the_logits(pc: PromptCache) -> None:
     result = ask(pc, prompt(), max_tokens=0, keep_logits=True)
     assert result.text == "" and result.generated_tokens == 0 and result.finish_reason == "length"
@@ -134,7 +141,7 @@ def test_cached_answer_equals_full_prefill(pc: PromptCache) -> None:
 
 def test_plan_then_ask_the_request(pc: PromptCache) -> None:
     request = pc.plan(prompt("<b/>"))
-    assert request.modules == ["", "b"]
+    assert request.modules == ("", "b")
     assert ask(pc, request, max_tokens=2).cached_tokens == request.plan.cached_tokens  # type: ignore[arg-type]
     with pytest.raises(OptionError, match="pass it to plan"):
         pc.ask(request, add_generation_prompt=False)

@@ -30,6 +30,7 @@ class Answer:
         self._pieces: Iterator[str] | None = None
         self._chunks: list[str] = []
         self._result: Result | None = None
+        self._error: BaseException | None = None  # what stopped the request, raised again by result()
         self._closed = False
 
     def _set_result(self, result: Result) -> None:
@@ -44,12 +45,18 @@ class Answer:
             yield from list(self._chunks)
             return
         yield from self._chunks  # pieces an earlier, interrupted loop already took
-        for piece in self._pieces:
-            self._chunks.append(piece)
-            yield piece
+        try:
+            for piece in self._pieces:
+                self._chunks.append(piece)
+                yield piece
+        except Exception as exc:
+            self._error = exc
+            raise
 
     def result(self) -> Result:
         """Run the answer to its end (if it is not there yet) and return its Result."""
+        if self._error is not None:
+            raise self._error
         for _ in self:
             pass
         if self._result is None:

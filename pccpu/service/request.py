@@ -28,18 +28,15 @@ class Request:
     plan: PromptPlan
     schema: SchemaRecord
     runs: tuple[RunKey | None, ...]  # per piece of the plan: the module run a cached piece copies from
+    modules: tuple[str, ...]  # cached modules in the order the plan first uses them
     warnings: tuple[str, ...] = ()
 
     @classmethod
     def build(cls, plan: PromptPlan, schema: SchemaRecord, warnings: tuple[str, ...] = ()) -> Request:
         runs = tuple(_run_of(schema.module(p.module), p) if isinstance(p, CachedPiece) else None
                      for p in plan.pieces)
-        return cls(plan, schema, runs, warnings)
-
-    @property
-    def modules(self) -> list[str]:
-        """Cached modules in the order the plan first uses them."""
-        return list(dict.fromkeys(p.module for p in self.plan.pieces if isinstance(p, CachedPiece)))
+        modules = tuple(dict.fromkeys(run[0] for run in runs if run is not None))
+        return cls(plan, schema, runs, modules, warnings)
 
     @property
     def prompt_tokens(self) -> int:
