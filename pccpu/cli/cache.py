@@ -7,20 +7,21 @@ import time
 
 import click
 
+from pccpu.cli.schema import human_bytes
+from pccpu.errors import InternalError
 from pccpu.store.disk import DiskTier
 from pccpu.store.module_store import ModuleStore
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def _store(namespace: str) -> ModuleStore:
     return ModuleStore(namespace=namespace, ram_budget=0)
+
+
+def _disk(namespace: str) -> DiskTier:
+    disk = _store(namespace).disk
+    if disk is None:
+        raise InternalError("a persistent module store has no disk tier")
+    return disk
 
 
 namespace_option = click.option("--namespace", default="default", show_default=True, help="Store namespace.")
@@ -35,9 +36,7 @@ def cache() -> None:
 @namespace_option
 def path_cmd(namespace: str) -> None:
     """Print the folder of the store's disk tier."""
-    disk = _store(namespace).disk
-    assert disk is not None
-    click.echo(str(disk.directory))
+    click.echo(str(_disk(namespace).directory))
 
 
 @cache.command("ls")
@@ -45,8 +44,7 @@ def path_cmd(namespace: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def ls_cmd(namespace: str, as_json: bool) -> None:
     """List stored modules: schema, module, tokens, bytes, last use."""
-    disk = _store(namespace).disk
-    assert isinstance(disk, DiskTier)
+    disk = _disk(namespace)
     rows = []
     for info in sorted(disk.infos(), key=lambda i: -i.mtime):
         header = disk.header(info) or {}
@@ -63,7 +61,8 @@ def ls_cmd(namespace: str, as_json: bool) -> None:
     click.echo(f"{'schema':<16} {'module':<28} {'tokens':>7} {'bytes':>10} {'mode':<10} {'model':<32} last used")
     for r in rows:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"]))
-        click.echo(f"{r['schema']:<16} {r['module']:<28} {r['tokens']:>7} {human(r['bytes']):>10} {r['mode']:<10} "
+        size = human_bytes(r["bytes"])
+        click.echo(f"{r['schema']:<16} {r['module']:<28} {r['tokens']:>7} {size:>10} {r['mode']:<10} "
                    f"{r['model']:<32} {used}")
 
 
@@ -77,9 +76,9 @@ def stats_cmd(namespace: str, as_json: bool) -> None:
         click.echo(json.dumps(stats.to_dict(), indent=2))
         return
     click.echo(f"namespace {stats.namespace}")
-    click.echo(f"disk  {stats.disk_entries} modules, {human(stats.disk_bytes)} of {human(stats.disk_budget_bytes)} "
-               f"budget ({stats.disk_path})")
-    click.echo(f"ram   budget {human(default_ram())} per process (a quarter of the memory available now)")
+    click.echo(f"disk  {stats.disk_entries} modules, {human_bytes(stats.disk_bytes)} of "
+               f"{human_bytes(stats.disk_budget_bytes)} budget ({stats.disk_path})")
+    click.echo(f"ram   budget {human_bytes(default_ram())} per process (a quarter of the memory available now)")
 
 
 def default_ram() -> int:

@@ -21,7 +21,7 @@ import click
 
 from pccpu.cli.files import read_input_file
 from pccpu.engine.context import KV_TYPES
-from pccpu.errors import DuplicateNameError, PmlStructureError, UnknownSchemaError
+from pccpu.errors import DuplicateNameError, InternalError, PmlStructureError, UnknownSchemaError
 from pccpu.pml import (
     ModuleLayout,
     Prompt,
@@ -75,11 +75,13 @@ def _plural(n: int, word: str) -> str:
 def human_bytes(n: float) -> str:
     """Bytes in binary units with one decimal: ``1536`` -> ``1.5 KiB``."""
     value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+    if abs(value) < 1024:
+        return f"{int(value)} B"
+    for unit in ("KiB", "MiB"):
         value /= 1024
-    raise AssertionError("unreachable")
+        if abs(value) < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} GiB"
 
 
 def _settings(n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> ContextSettings:
@@ -162,7 +164,8 @@ def check(files: tuple[str, ...], model: str | None, n_ctx: int, roles: str, syn
         def layout_of(name: str) -> SchemaLayout:
             if name not in layouts:
                 found = schemas[name].schema
-                assert found is not None
+                if found is None:
+                    raise InternalError(f"{schemas[name].path} was indexed as a schema but holds none")
                 layouts[name] = _layout(runtime, found, n_ctx)
             return layouts[name]
 
