@@ -37,7 +37,8 @@ def test_encode_then_ask_json_reports_hits_from_disk(runner: CliRunner, isolated
     listing = runner.invoke(main, ["cache", "ls"])
     assert listing.exit_code == 0 and "travel" in listing.output
     stats = runner.invoke(main, ["cache", "stats", "--json"])
-    assert json.loads(stats.output)["disk"]["entries"] == len(stored)
+    assert stats.exit_code == 0, stats.output
+    assert json.loads(stats.output)["disk_entries"] == len(stored)  # StoreStats.to_dict()
     cleared = runner.invoke(main, ["cache", "clear", "--yes"])
     assert cleared.exit_code == 0 and f"removed {len(stored)}" in cleared.output
     assert not list((isolated_home / "store" / "default").glob("*.pcm"))
@@ -72,7 +73,9 @@ def test_demo_prints_measured_ttfts(runner: CliRunner) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["ask", "missing.prompt.xml"], "no such file"),
+        (["ask", "missing.prompt.xml"], "SourceFileError: missing.prompt.xml: no such file"),
+        (["encode", "missing.xml"], "SourceFileError: missing.xml: no such file"),
+        (["ask", str(SCHEMAS / "demo_prompt.xml"), "--schema", "missing.xml"], "SourceFileError: missing.xml"),
         (["ask", str(SCHEMAS / "demo_prompt.xml"), "--schema", str(SCHEMAS / "travel.xml")], "demo"),
         (["ask", str(SCHEMAS / "demo_prompt.xml"), "--n-ctx", "256"], "n_ctx"),
         (["ask", str(SCHEMAS / "demo_prompt.xml"), "--model", "no-such-model"], "no-such-model"),

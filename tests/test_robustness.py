@@ -31,6 +31,7 @@ from pccpu.errors import (
     CorruptEntryError,
     LayoutOverflowError,
     ModelError,
+    OptionError,
     PccpuError,
     PmlError,
     PmlSecurityError,
@@ -78,7 +79,7 @@ def reference(default_model_path: Path) -> str:
     """The greedy answer to PROMPT by full prefill: what every cached answer below must reproduce."""
     with make_cache(default_model_path, persist=False) as pc:
         pc.add_schema(SCHEMA, encode=False)
-        return pc.ask(PROMPT, cache=False, max_tokens=8).text
+        return pc.ask(PROMPT, cache=False, max_tokens=8).text()
 
 
 def run_child(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -130,7 +131,7 @@ def test_writer_killed_mid_write_leaves_nothing_loadable(default_model_path: Pat
     store = tmp_path / "store"
     with make_cache(default_model_path, store_dir=store) as pc:
         pc.add_schema(SCHEMA)
-        assert pc.ask(PROMPT, max_tokens=8).text == reference
+        assert pc.ask(PROMPT, max_tokens=8).text() == reference
     folder = store / "default"
     files = store_files(folder)
     assert set(files) == MODULES
@@ -162,7 +163,7 @@ def test_writer_killed_mid_write_leaves_nothing_loadable(default_model_path: Pat
 
     with make_cache(default_model_path, store_dir=store) as pc:  # the restart
         pc.add_schema(SCHEMA, encode=False)
-        result = pc.ask(PROMPT, max_tokens=8)
+        result = pc.ask(PROMPT, max_tokens=8).result()
     assert sources(result) == {"": "disk", "history": "encoded", "today": "disk"}
     assert result.text == reference
     read_entry(target, {"module": "history"})  # written again, whole
@@ -177,8 +178,8 @@ with PromptCache(model=model, n_ctx=1024, n_threads=1, store_dir=store, mode="se
     while not os.path.exists(go):  # both processes start encoding at the same moment
         time.sleep(0.005)
     pc.add_schema(open(schema).read())
-    r = pc.ask(open(prompt).read(), max_tokens=8)
-    print(json.dumps({"encoded_tokens": pc.encode_stats.tokens, "text": r.text}))
+    r = pc.ask(open(prompt).read(), max_tokens=8).result()
+    print(json.dumps({"encoded_tokens": pc.stats().encode.tokens, "text": r.text}))
 """
 
 
@@ -237,7 +238,7 @@ def test_other_version_or_model_is_refused_and_reencoded(default_model_path: Pat
     _rewrite_header(files["today"], model="0" * 64)
     with make_cache(default_model_path, store_dir=store) as pc, caplog.at_level(logging.WARNING):
         pc.add_schema(SCHEMA, encode=False)
-        result = pc.ask(PROMPT, max_tokens=8)
+        result = pc.ask(PROMPT, max_tokens=8).result()
     assert sources(result) == {"": "disk", "history": "encoded", "today": "encoded"}
     assert result.text == reference
     warnings = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
@@ -277,15 +278,15 @@ def test_full_disk_warns_and_still_answers(default_model_path: Path, tmp_path: P
         monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FullDisk(real_fdopen(fd, *a, **k)))
         with caplog.at_level(logging.WARNING):
             pc.add_schema(SCHEMA)
-            result = pc.ask(PROMPT, max_tokens=8)
+            result = pc.ask(PROMPT, max_tokens=8).result()
         monkeypatch.undo()
         assert result.text == reference
         assert set(sources(result).values()) == {"ram"}
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert len(warnings) == 1, warnings
         assert "No space left on device" in warnings[0] and "RAM only" in warnings[0]
-        assert pc.store.stats()["disk"]["write_errors"] == 1
-        assert pc.ask(SMALL_PROMPT, max_tokens=4).text  # later prompts too
+        assert pc.stats().store.disk_write_errors == 1
+        assert pc.ask(SMALL_PROMPT, max_tokens=4).text()  # later prompts too
     folder = store / "default"
     assert not list(folder.glob(f"*{FILE_SUFFIX}")) and not list(folder.glob(".*.tmp"))
 
@@ -301,21 +302,24 @@ def test_ram_budget_holds_under_a_stream_of_schemas(default_model_path: Path) ->
 
     with make_cache(default_model_path, persist=False, ram_budget=1 << 40) as pc:
         pc.add_schema(schema(0))
-        per_schema = pc.store.ram.used_bytes
+        per_schema = pc.stats().store.ram_bytes
     budget = int(per_schema * 3.5)
     with make_cache(default_model_path, persist=False, ram_budget=budget) as pc:
         pc.add_schema(schema(0))
+        assert pc.stats().store.ram_budget_bytes == budget
         assert pc.pin("s0") == 2
-        pinned = {k for k in pc.store.ram._entries}
+        # internal on purpose: which entries the RAM tier holds has no public accessor
+        pinned = {record.key for record in pc._schemas.get("s0").modules.values()}
+        assert len(pinned) == 2 and all(key in pc._store.ram for key in pinned)
         for i in range(1, 12):
             pc.add_schema(schema(i))
-            assert pc.store.ram.used_bytes <= budget
-            result = pc.ask(f'<prompt schema="s{i}"><m/><user>Which door?</user></prompt>', max_tokens=4)
-            assert pc.store.ram.used_bytes <= budget
+            assert pc.stats().store.ram_bytes <= budget
+            result = pc.ask(f'<prompt schema="s{i}"><m/><user>Which door?</user></prompt>', max_tokens=4).result()
+            assert pc.stats().store.ram_bytes <= budget
             assert result.text is not None
-            assert pinned <= set(pc.store.ram._entries)
-        assert pc.store.ram.evictions >= 8 * 2
-        result = pc.ask('<prompt schema="s0"><m/><user>Which door?</user></prompt>', max_tokens=4)
+            assert all(key in pc._store.ram for key in pinned)
+        assert pc.stats().store.ram_evictions >= 8 * 2
+        result = pc.ask('<prompt schema="s0"><m/><user>Which door?</user></prompt>', max_tokens=4).result()
         assert set(sources(result).values()) == {"ram"}
 
 
@@ -324,12 +328,13 @@ def test_context_too_small_is_a_clear_error_and_the_cache_still_answers(default_
     with make_cache(default_model_path, persist=False, n_ctx=256) as pc:
         pc.add_schema(SCHEMA)
         with pytest.raises((LayoutOverflowError, ContextOverflowError)) as info:
-            pc.ask_parts("town", {"history": None, "today": None}, "Tell me everything. " * 60, max_tokens=4)
+            pc.ask_parts("town", {"history": None, "today": None}, "Tell me everything. " * 60,
+                         max_tokens=4).result()
         assert "n_ctx" in str(info.value)
         big = SCHEMA.replace('<module name="today">', '<module name="today">' + "More notes. " * 200)
         with pytest.raises(LayoutOverflowError, match="n_ctx"):
             pc.add_schema(big.replace('name="town"', 'name="big"'))
-        assert pc.ask(PROMPT, max_tokens=8).text == reference  # the same PromptCache is still good
+        assert pc.ask(PROMPT, max_tokens=8).text() == reference  # the same PromptCache is still good
 
 
 # -- 4. isolation ----------------------------------------------------------------------------------------
@@ -340,23 +345,26 @@ def test_namespaces_never_share_states(default_model_path: Path, isolated_home: 
     store = isolated_home / "store"
     with make_cache(default_model_path, store_dir=store, namespace="alice") as alice:
         alice.add_schema(SCHEMA)
-        assert alice.ask(PROMPT, max_tokens=8).text == reference
+        assert alice.ask(PROMPT, max_tokens=8).text() == reference
     alice_files = store_files(store / "alice")
     assert set(alice_files) == MODULES
     alice_bytes = {p.name: p.read_bytes() for p in alice_files.values()}
 
     with make_cache(default_model_path, store_dir=store, namespace="bob") as bob:
         bob.add_schema(SCHEMA, encode=False)
-        keys = bob._schemas["town"].keys
-        assert not {bob.store.disk.path_for(k).name for k in keys.values()} & set(alice_bytes)  # type: ignore[union-attr]
+        # internal on purpose: the forgery needs the file names bob looks up
+        keys = {path: record.key for path, record in bob._schemas.get("town").modules.items()}
+        disk = bob._store.disk
+        assert disk is not None
+        assert not {disk.path_for(k).name for k in keys.values()} & set(alice_bytes)
         (store / "bob").mkdir(mode=0o700)
         for module, key in keys.items():  # a forged copy: alice's file under bob's name
-            bob.store.disk.path_for(key).write_bytes(alice_files[module].read_bytes())  # type: ignore[union-attr]
-        result = bob.ask(PROMPT, max_tokens=8)
+            disk.path_for(key).write_bytes(alice_files[module].read_bytes())
+        result = bob.ask(PROMPT, max_tokens=8).result()
         assert sources(result) == {m: "encoded" for m in MODULES}
-        assert bob.encode_stats.tokens > 0
+        assert bob.stats().encode.tokens > 0
         assert result.text == reference
-        assert bob.store.stats()["namespace"] == "bob"
+        assert bob.stats().store.namespace == "bob"
     assert {p.name: p.read_bytes() for p in store_files(store / "alice").values()} == alice_bytes
 
     runner = CliRunner()
@@ -367,7 +375,7 @@ def test_namespaces_never_share_states(default_model_path: Path, isolated_home: 
         assert {r["file"] for r in rows} == {p.name for p in store_files(store / who).values()}
         assert len(rows) == len(MODULES)
         stats = json.loads(runner.invoke(cli_main(), ["cache", "stats", "--namespace", who, "--json"]).output)
-        assert stats["namespace"] == who and stats["disk"]["entries"] == len(MODULES)
+        assert stats["namespace"] == who and stats["disk_entries"] == len(MODULES)
     alice_names = {p.name for p in store_files(store / "alice").values()}
     bob_names = {p.name for p in store_files(store / "bob").values()}
     assert not alice_names & bob_names
@@ -401,7 +409,9 @@ def test_non_utf8_prompt_file(default_model_path: Path, tmp_path: Path) -> None:
         pc.add_schema(SCHEMA, encode=False)
         for prompt in (bad, tmp_path / "missing.prompt.xml"):
             with pytest.raises(PmlError):
-                pc.ask(prompt, max_tokens=2)
+                pc.ask(prompt, max_tokens=2).result()
+            with pytest.raises(PmlError):
+                pc.plan(prompt)
 
 
 def write_unknown_arch_gguf(path: Path) -> None:
@@ -529,13 +539,13 @@ def test_hostile_input_through_prompt_cache(default_model_path: Path, reference:
                 escaped.append(f"schema {name}: {type(exc).__name__}")
         for name, text in HOSTILE_PROMPTS.items():
             try:
-                pc.ask(text, max_tokens=2)
+                pc.ask(text, max_tokens=2).result()
                 escaped.append(f"prompt {name}: accepted")
             except PmlError:
                 pass
             except BaseException as exc:
                 escaped.append(f"prompt {name}: {type(exc).__name__}")
-        assert pc.ask(PROMPT, max_tokens=8).text == reference
+        assert pc.ask(PROMPT, max_tokens=8).text() == reference
     assert not escaped, escaped
 
 
@@ -631,8 +641,14 @@ def test_errors_do_not_break_the_cache(default_model_path: Path, reference: str)
         ]
         for text in bad:
             with pytest.raises(PccpuError):
-                pc.ask(text, max_tokens=2)
-            assert pc.ask(PROMPT, max_tokens=8).text == reference
+                pc.ask(text, max_tokens=2).result()
+            assert pc.ask(PROMPT, max_tokens=8).text() == reference
+        for options in ({"max_token": 2}, {"max_tokens": -1}, {"top_p": 0.0}):
+            with pytest.raises(ConfigError):  # OptionError for names and counts, ConfigError for sampling values
+                pc.ask(PROMPT, **options).result()
+            assert pc.ask(PROMPT, max_tokens=8).text() == reference
+        with pytest.raises(OptionError, match="max_tokens"):
+            pc.ask(PROMPT, max_token=2)
         with pytest.raises(ConfigError):
             make_cache(default_model_path, persist=False, mode="parallel")
-        assert pc.ask(PROMPT, max_tokens=8).text == reference
+        assert pc.ask(PROMPT, max_tokens=8).text() == reference

@@ -61,7 +61,7 @@ def test_unknown_option_names_the_valid_ones(pc: PromptCache) -> None:
 ])
 def test_invalid_option_values_are_refused_when_asked(pc: PromptCache, options: dict[str, object],
                                                       message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(OptionError, match=message):
         pc.ask(prompt(), **options)  # type: ignore[arg-type]
 
 
@@ -272,3 +272,10 @@ def test_two_fake_models_never_share_states(fake_cache: FakeCacheFactory, tmp_pa
     second = fake_cache(store_dir=store, model=FakeModel(seed=2))
     second.add_schema(SCHEMA, encode=False)
     assert {m.source for m in ask(second, prompt(), max_tokens=1).modules} == {"encoded"}
+
+
+def test_an_answer_dropped_mid_stream_frees_the_cache(pc: PromptCache) -> None:
+    answer = pc.ask(prompt(), max_tokens=50)
+    next(iter(answer))
+    del answer  # no close(): the answer is freed at once, which closes its request
+    assert ask(pc, prompt(), max_tokens=1).generated_tokens == 1

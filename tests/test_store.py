@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 
 from pccpu.errors import ConfigError, CorruptEntryError, StoreError
-from pccpu.store import EntryKey, ModuleStore, StoredModule, content_key, entry_file
+from pccpu.store import EntryKey, EntryMeta, ModuleStore, StoredModule, content_key, entry_file
 from pccpu.store.disk import DiskTier
 from pccpu.store.entry_file import FILE_SUFFIX, read_entry, read_entry_header, write_entry
 from pccpu.store.ram import RamTier
@@ -35,8 +36,15 @@ def _payload(n: int = 4096, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
+def _meta(module: str, run_bytes: tuple[int, ...], start: int = 0) -> EntryMeta:
+    """Metadata for a module of ``len(run_bytes)`` text runs of 4 cells each, from ``start``."""
+    ranges = tuple((start + 8 * i, start + 8 * i + 4) for i in range(len(run_bytes)))
+    return EntryMeta(schema="s", module=module, mode="sequential", ranges=ranges, run_bytes=run_bytes,
+                     model=FP["model"], state=FP["state"], model_file="m.gguf", created=1.0)
+
+
 def _entry(content: str = "c", start: int = 0, n: int = 100, seed: int = 0) -> StoredModule:
-    return StoredModule(EntryKey(content, start), _payload(n, seed), {"module": content})
+    return StoredModule(EntryKey(content, start), _payload(n, seed), _meta(content, (n,), start))
 
 
 # -- keys ------------------------------------------------------------------------------------------------
@@ -284,7 +292,7 @@ def test_ram_replacing_same_key_keeps_accounting() -> None:
 
 
 def test_ram_negative_budget_rejected() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         RamTier(-1)
 
 
@@ -348,8 +356,8 @@ def _store(root: Path, namespace: str = "default", **kw: object) -> ModuleStore:
                        disk_budget=kw.pop("disk_budget", 10**8), **kw)  # type: ignore[arg-type]
 
 
-def _stored(content: str, start: int = 0, seed: int = 0) -> StoredModule:
-    return StoredModule(EntryKey(content, start), _payload(2000, seed), dict(FP, module=content))
+def _stored(content: str, start: int = 0, seed: int = 0, run_bytes: tuple[int, ...] = (2000,)) -> StoredModule:
+    return StoredModule(EntryKey(content, start), _payload(sum(run_bytes), seed), _meta(content, run_bytes, start))
 
 
 def test_store_lookup_promotes_disk_to_ram(tmp_path: Path) -> None:
@@ -365,7 +373,7 @@ def test_store_lookup_promotes_disk_to_ram(tmp_path: Path) -> None:
     hit = reader.lookup(entry.key, dict(FP))
     assert hit is not None and hit.tier == "disk"
     assert np.array_equal(hit.entry.state, entry.state)
-    assert hit.entry.meta["module"] == "abc"
+    assert hit.entry.meta == entry.meta  # every field of the typed metadata survives the disk round trip
     again = reader.lookup(entry.key, dict(FP))
     assert again is not None and again.tier == "ram"
 
@@ -396,7 +404,8 @@ def test_store_namespaces_are_isolated(tmp_path: Path) -> None:
     assert _store(tmp_path, "tenant-b").lookup(entry.key, dict(FP)) is None
     assert _store(tmp_path, "tenant-a").lookup(entry.key, dict(FP)) is not None
     assert (tmp_path / "tenant-a").is_dir() and not (tmp_path / "tenant-b").exists()
-    assert b.stats()["disk"]["entries"] == 0 and a.stats()["disk"]["entries"] == 1
+    assert b.stats().disk_entries == 0 and a.stats().disk_entries == 1
+    assert a.stats().namespace == "tenant-a" and b.stats().namespace == "tenant-b"
 
 
 @pytest.mark.parametrize("namespace", ["", "../x", "a/b", ".hidden", "x" * 65])
@@ -463,8 +472,78 @@ def test_store_clear_and_stats(tmp_path: Path) -> None:
     store.save(_stored("a"))
     store.save(_stored("b", seed=1))
     stats = store.stats()
-    assert stats["ram"]["entries"] == 2 and stats["disk"]["entries"] == 2
-    assert stats["disk"]["bytes"] > stats["ram"]["bytes"] == 4000
-    json.dumps(stats)
+    assert stats.ram_entries == 2 and stats.disk_entries == 2
+    assert stats.disk_bytes > stats.ram_bytes == 4000
+    assert stats.ram_budget_bytes == 10**7 and stats.disk_budget_bytes == 10**8
+    assert stats.disk_path == str(tmp_path / "default") and stats.disk_write_errors == 0
+    assert json.loads(json.dumps(stats.to_dict()))["disk_entries"] == 2
     assert store.clear() == 4
-    assert store.stats()["ram"]["entries"] == 0 and store.stats()["disk"]["entries"] == 0
+    assert store.stats().ram_entries == 0 and store.stats().disk_entries == 0
+
+
+def test_store_clear_ram_only_keeps_disk(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    entry = _stored("a")
+    store.save(entry)
+    assert store.clear(disk=False) == 1
+    assert store.stats().ram_entries == 0 and store.stats().disk_entries == 1
+    hit = store.lookup(entry.key, dict(FP))
+    assert hit is not None and hit.tier == "disk"
+
+
+# -- entries and find ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("run_bytes,ranges", [
+    ((60, 50), None),  # sizes that do not add up to the state
+    ((100, 0), None),  # an empty run
+    ((), None),  # no run at all
+    ((100,), ((0, 4), (8, 12))),  # fewer sizes than text runs
+    ((100,), ((4, 4),)),  # an empty text run
+])
+def test_stored_module_checks_run_sizes(run_bytes: tuple[int, ...], ranges: tuple[tuple[int, int], ...] | None) -> None:
+    meta = _meta("m", run_bytes)
+    if ranges is not None:
+        meta = dataclasses.replace(meta, ranges=ranges)
+    with pytest.raises(CorruptEntryError, match="run"):
+        StoredModule(EntryKey("c", 0), _payload(100), meta)
+
+
+def test_stored_module_splits_its_runs() -> None:
+    entry = _stored("m", run_bytes=(700, 1300))
+    runs = entry.runs()
+    assert [r.nbytes for r in runs] == [700, 1300] and entry.nbytes == 2000
+    assert np.array_equal(np.concatenate(runs), entry.state)
+    assert entry.meta.n_cells == 8
+
+
+def test_entry_meta_from_damaged_fields_is_corrupt() -> None:
+    fields = _meta("m", (10,)).to_fields()
+    assert EntryMeta.from_fields(fields, where="x") == _meta("m", (10,))
+    del fields["ranges"]
+    with pytest.raises(CorruptEntryError, match="unreadable metadata"):
+        EntryMeta.from_fields(fields, where="x")
+
+
+def test_store_find_exact_then_shifted(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    entry = _stored("abc", 7)
+    store.save(entry)
+    exact = store.find(EntryKey("abc", 7), dict(FP), runs=1)
+    assert exact is not None and exact.entry is entry and exact.tier == "ram" and exact.shift == 0
+    moved = store.find(EntryKey("abc", 12), dict(FP), runs=1)  # the same content, stored at start 7
+    assert moved is not None and moved.entry.key == entry.key and moved.shift == 5
+    assert store.find(EntryKey("other", 7), dict(FP), runs=1) is None
+
+    reader = _store(tmp_path)  # a restarted process finds it on disk, shifted too
+    from_disk = reader.find(EntryKey("abc", 3), dict(FP), runs=1)
+    assert from_disk is not None and from_disk.tier == "disk" and from_disk.shift == -4
+
+
+def test_store_find_ignores_an_entry_with_another_run_count(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    store = _store(tmp_path, persist=False)
+    entry = _stored("abc", run_bytes=(1000, 1000))
+    store.save(entry)
+    with caplog.at_level(logging.WARNING):
+        assert store.find(entry.key, dict(FP), runs=3) is None
+    assert any("text run" in r.getMessage() for r in caplog.records)
+    assert entry.key not in store.ram  # dropped, so the module is encoded again

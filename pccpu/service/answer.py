@@ -24,22 +24,35 @@ from pccpu.service.result import Result
 Runner = Callable[[Callable[[Result], None]], Iterator[str]]
 
 
+class _ResultBox:
+    """Where the running request leaves its Result. The request's generator holds this box, not the Answer: an
+    Answer dropped mid-stream is freed at once (no reference cycle), which closes the generator and frees the
+    PromptCache for the next request."""
+
+    def __init__(self) -> None:
+        self.result: Result | None = None
+
+    def set(self, result: Result) -> None:
+        self.result = result
+
+
 class Answer:
     def __init__(self, runner: Runner) -> None:
         self._runner: Runner | None = runner
         self._pieces: Iterator[str] | None = None
         self._chunks: list[str] = []
-        self._result: Result | None = None
+        self._box = _ResultBox()
         self._error: BaseException | None = None  # what stopped the request, raised again by result()
         self._closed = False
 
-    def _set_result(self, result: Result) -> None:
-        self._result = result
+    @property
+    def _result(self) -> Result | None:
+        return self._box.result
 
     def __iter__(self) -> Iterator[str]:
         """The answer's text pieces; iterating a finished answer gives them again."""
         if self._pieces is None and self._runner is not None and not self._closed:
-            self._pieces = self._runner(self._set_result)
+            self._pieces = self._runner(self._box.set)
             self._runner = None
         if self._pieces is None or self._result is not None:
             yield from list(self._chunks)

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from pccpu.errors import OptionError
+from pccpu.errors import ConfigError, OptionError
 from pccpu.generation.sampling import SamplingSettings
 from pccpu.generation.stream import GenerationSettings
 
@@ -72,7 +72,10 @@ class GenerationOptions:
                 raise OptionError(f"{name} must be an integer, got {value!r}")
         if self.max_tokens < 0:
             raise OptionError(f"max_tokens must be >= 0 (0 only prefills the prompt), got {self.max_tokens}")
-        self.generation()  # the sampling and stop checks live with the code that uses them
+        try:
+            self.generation()  # the sampling and stop checks live with the code that uses them
+        except ConfigError as exc:
+            raise OptionError(str(exc)) from None
 
     @classmethod
     def from_kwargs(cls, kwargs: Mapping[str, Any], base: GenerationOptions | None = None) -> GenerationOptions:

@@ -73,8 +73,9 @@ class Runtime:
 
     @property
     def n_ctx(self) -> int:
-        """Positions a request may use (the context's cells less those reserved for resident modules)."""
-        return self.context.n_ctx - self.reserved_cells
+        """Positions a request may use: the n_ctx asked for (llama.cpp pads the context's cells, and the cells
+        reserved for resident modules come on top)."""
+        return self.settings.n_ctx - self.reserved_cells
 
     @classmethod
     def open(
