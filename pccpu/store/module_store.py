@@ -100,10 +100,11 @@ class ModuleStore:
         """The state stored under ``key``, else the same content stored at another start (then ``Hit.shift``
         moves it to ``key.start``). ``runs``: how many text runs the caller's module has; an entry with another
         count (written by a damaged or foreign store) is dropped and not returned."""
-        starts = [key.start, *sorted(self.starts_of(key.content) - {key.start})]
-        for start in starts:
+        exact = self.lookup(key, expect)  # the common case: no listing of the disk folder
+        others = sorted(self.starts_of(key.content) - {key.start}) if exact is None else []
+        for start in [key.start, *others]:
             candidate = EntryKey(key.content, start)
-            hit = self.lookup(candidate, expect)
+            hit = exact if start == key.start else self.lookup(candidate, expect)
             if hit is None:
                 continue
             if len(hit.entry.meta.ranges) != runs:
