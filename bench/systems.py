@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pccpu.service.result import Result
+from pccpu.service import Result
 from pccpu.store.entry_file import FILE_SUFFIX
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class PccpuSide:
     """A warm PromptCache with the workload's schema encoded (and written to the disk tier for the fresh process)."""
 
     def __init__(self, settings: RunSettings, schema: str, prompt: str, previous: str) -> None:
-        from pccpu.service.prompt_cache import PromptCache
+        from pccpu.service import PromptCache
 
         self.settings = settings
         self.prompt = prompt
