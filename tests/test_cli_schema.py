@@ -140,7 +140,8 @@ def test_show_json_kv_bytes(model: str, default_model) -> None:  # type: ignore[
                      str(SCHEMAS / "persona.xml"))
         assert result.exit_code == 0, result.output
         data = json.loads(result.stdout)
-        per_token = ContextSettings(type_k=types[0], type_v=types[1], flash_attn=True).kv_bytes_per_token(default_model.info)
+        settings = ContextSettings(type_k=types[0], type_v=types[1], flash_attn=True)
+        per_token = settings.kv_bytes_per_token(default_model.info)
         assert data["schema"] == "persona"
         assert data["kv_bytes_per_token"] == per_token
         assert (data["type_k"], data["type_v"], data["n_ctx"]) == (*types, 4096)
