@@ -22,13 +22,13 @@ from test_service import (
 )
 
 from pccpu.bench.fidelity import kl_divergence
-from pccpu.service import PromptCache, Result
+from pccpu.service import PromptCache, Result, Session
 from pccpu.store import EntryKey
 
 BUDGET = 4 << 20  # 4 MiB: about 180 SmolLM2 cells (23 KB each), room for the small schemas below
 
 
-def prefill(pc: PromptCache, prompt: str, **options: Any) -> Result:
+def prefill(pc: PromptCache | Session, prompt: str, **options: Any) -> Result:
     """The prompt's prefill alone, with its logits (no token generated)."""
     return pc.ask(prompt, max_tokens=0, keep_logits=True, **options).result()
 
@@ -174,3 +174,24 @@ def test_answers_stop_at_n_ctx_not_in_the_resident_cells(default_model_path: Pat
         result = pc.ask(FID_PROMPT, max_tokens=200).result()
     assert result.finish_reason == "context"
     assert prompt_tokens + result.generated_tokens <= n_ctx + 1
+
+
+def test_switching_sessions_keeps_the_resident_runs(default_model_path: Path) -> None:
+    """Bringing a parked session back clears the KV cache around the resident runs, never the runs themselves."""
+    with make_cache(default_model_path, persist=False, resident_budget=BUDGET) as pc:
+        pc.add_schema(WRAPPED_SCHEMA)
+        pc.add_schema(FID_SCHEMA)
+        one, two = pc.session(), pc.session()
+        first = prefill(one, WRAPPED_PROMPT)
+        held = len(pc._residents)
+        assert held > 0
+        prefill(two, FID_PROMPT)
+        back = prefill(one, WRAPPED_PROMPT)
+        assert back.session_tokens == back.prompt_tokens - 1  # the parked cells came back
+        assert np.array_equal(back.first_logits, first.first_logits)
+        hits = pc.stats().residents.hits
+        with pc.session() as three:  # a new session assembles from the runs still resident
+            again = prefill(three, WRAPPED_PROMPT)
+        assert pc.stats().residents.hits > hits
+        # the runs it took hold their cells: the answer is the host path's (close: cells lie around the runs)
+        assert kl_divergence(first.first_logits, again.first_logits) < 5e-2

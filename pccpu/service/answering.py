@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -49,6 +49,19 @@ class Prefill(NamedTuple):
     uses: tuple[ModuleUse, ...] = ()
 
 
+@dataclass(frozen=True)
+class PromptFacts:
+    """What generation needs to know of the prompt it follows."""
+
+    n_tokens: int
+    tokens: Callable[[], Sequence[int]]  # all of them (for a repeat penalty), built only when asked for
+    warnings: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, request: Request) -> PromptFacts:
+        return cls(request.prompt_tokens, request.plan.baseline_tokens, request.warnings)
+
+
 @dataclass
 class RequestPath:
     """What answering needs of a PromptCache: its engine, module encoder, sessions and resident runs."""
@@ -62,13 +75,14 @@ class RequestPath:
     reuse_previous: bool = True
     state_ids: StateIds = field(default_factory=StateIds)
 
-    def generate(self, request: Request, state: SessionState, prefill: Prefill, opts: GenerationOptions,
+    def generate(self, prompt: PromptFacts, state: SessionState, prefill: Prefill, opts: GenerationOptions,
                  started: float, clock: dict[str, float], cache: bool,
                  done: Callable[[Result], None]) -> Iterator[str]:
+        """Sample and decode the answer after ``prefill``, stream its text, keep the session's cells, report."""
         context, model = self.runtime.context, self.runtime.model
         first_logits = prefill.logits.copy() if opts.keep_logits else None  # generation reuses the logits buffer
         # the prompt's tokens matter to the repeat penalty only; building them costs ~1 ms at 8K tokens
-        history = list(request.plan.baseline_tokens()) if opts.repeat_penalty != 1.0 else []
+        history = list(prompt.tokens()) if opts.repeat_penalty != 1.0 else []
         outcome = GenerationOutcome()
         pieces = generate(context, model, prefill.logits, seq_id=REQUEST_SEQ, next_position=prefill.next_position,
                           settings=opts.generation(), history=history, outcome=outcome, n_ctx=self.n_ctx)
@@ -94,12 +108,12 @@ class RequestPath:
                 context.seq_rm(REQUEST_SEQ)
             if ttft_ms is None:  # nothing streamed (end of generation first, or max_tokens=0)
                 ttft_ms = (time.perf_counter() - started) * 1000
-            decoded = request.prompt_tokens - prefill.session_tokens - prefill.cached_tokens
+            decoded = prompt.n_tokens - prefill.session_tokens - prefill.cached_tokens
             done(Result(
                 text=outcome.text, ttft_ms=ttft_ms, session_tokens=prefill.session_tokens,
                 cached_tokens=prefill.cached_tokens, uncached_tokens=decoded, generated_tokens=len(outcome.tokens),
                 finish_reason=outcome.finish_reason, modules=prefill.uses,
-                timings=Timings(generate_ms=outcome.decode_ms, **clock), cached=cache, warnings=request.warnings,
+                timings=Timings(generate_ms=outcome.decode_ms, **clock), cached=cache, warnings=prompt.warnings,
                 first_logits=first_logits,
             ))
 

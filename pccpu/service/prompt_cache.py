@@ -27,7 +27,7 @@ from pccpu.engine import ContextSettings, ModelInfo, available_cores, parse_gpu_
 from pccpu.errors import BusyError, ConfigError, OptionError
 from pccpu.pml import SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
 from pccpu.service.answer import Answer
-from pccpu.service.answering import FIRST_SCRATCH_SEQ, REQUEST_SEQ, SAVE_SEQ, WORK_SEQ, RequestPath
+from pccpu.service.answering import FIRST_SCRATCH_SEQ, REQUEST_SEQ, SAVE_SEQ, WORK_SEQ, PromptFacts, RequestPath
 from pccpu.service.encoder import EncodeStats, ModuleEncoder, ProgressCallback
 from pccpu.service.options import GenerationKwargs, GenerationOptions
 from pccpu.service.passes import ContextMode, cached_modules, check_mode, plan_passes
@@ -132,7 +132,8 @@ class PromptCache:
         self._residents = ResidentModules(runtime.context, list(range(n_seq_max, n_seq_max + resident_seqs)),
                                           runtime.reserved_cells if resident_budget else 0)
         budget = int(default_ram_budget() * 0.4) if session_budget is None else session_budget
-        self._sessions = SessionTable(runtime.context, REQUEST_SEQ, budget, self._residents.seq_ids)
+        residents = self._residents
+        self._sessions = SessionTable(runtime.context, REQUEST_SEQ, budget, lambda: residents.seq_ids)
         self._default_session = self._sessions.open("default")
         self._encoder = ModuleEncoder(runtime, self._store, self.mode, self._sessions, self._residents,
                                       work_seq=WORK_SEQ, save_seq=SAVE_SEQ)
@@ -305,7 +306,7 @@ class PromptCache:
                 self._runtime.context.seq_rm(REQUEST_SEQ)  # whatever the failed assembly left
                 self._sessions.forget_active()
                 raise
-            yield from self._path.generate(request, state, prefill, opts, started, clock, cache, done)
+            yield from self._path.generate(PromptFacts.of(request), state, prefill, opts, started, clock, cache, done)
 
 
 class _Exclusive:

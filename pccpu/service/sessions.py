@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,10 +55,11 @@ class SessionStats:
 class SessionTable:
     """Every open session, which one is active, and the parked states of the others."""
 
-    def __init__(self, context: Context, request_seq: int, budget_bytes: int, keep_seqs: list[int]) -> None:
+    def __init__(self, context: Context, request_seq: int, budget_bytes: int,
+                 keep_seqs: Callable[[], list[int]]) -> None:
         self._context = context
         self._seq = request_seq
-        self._keep_seqs = keep_seqs  # sequences a restore must not clear (resident runs): a live list
+        self._keep_seqs = keep_seqs  # sequences a restore must not clear (resident runs), asked each time
         self._parked: Lru[int, np.ndarray] = Lru(budget_bytes)
         self._states: dict[int, SessionState] = {}
         self._next_id = 0
@@ -85,7 +87,7 @@ class SessionTable:
         blob = self._parked.pop(state.id)
         if blob is not None and state.kept is not None:
             try:
-                self._context.clear(keep=self._keep_seqs)  # its cells go back where they were: from the first cell
+                self._context.clear(keep=self._keep_seqs())  # its cells go back where they were: from the first cell
                 self._context.state_seq_set(self._seq, blob)
             except EngineError as exc:  # no room beside resident runs, or a rejected state: start over
                 logger.info("session %r could not be brought back (%s); it starts from the module store",
