@@ -185,10 +185,9 @@ class RequestPath:
         return assemble(context, request, sources, request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings,
                         residents=self.residents)
 
-    def prefill_baseline(self, request: Request, clock: dict[str, float]) -> Prefill:
+    def prefill_baseline(self, tokens: Sequence[int], clock: dict[str, float]) -> Prefill:
         """Full prefill of the prompt's tokens from a cleared cache (resident runs stay)."""
         self.sessions.forget_active()
-        tokens = list(request.plan.baseline_tokens())
         context = self.runtime.context
         context.clear(keep=self.residents.seq_ids)
         started = time.perf_counter()

@@ -136,6 +136,16 @@ class ModuleEncoder:
         self._state_fp = runtime.settings.state_fingerprint(runtime.model.placement)
         self.stats = EncodeStats()
 
+    @property
+    def expect(self) -> dict[str, str]:
+        """Header fields a stored state must carry to be loaded here: the model and engine fingerprints."""
+        return {"model": self._model_fp, "state": self._state_fp}
+
+    @property
+    def seed(self) -> str:
+        """What every key of this cache starts from: namespace, model and engine fingerprints."""
+        return f"{self._store.namespace}\0{self._model_fp}\0{self._state_fp}"
+
     def key(self, context: tuple[Cell, ...], cells: tuple[Cell, ...], start: int) -> EntryKey:
         content = content_key(namespace=self._store.namespace, model_fingerprint=self._model_fp,
                               state_fingerprint=self._state_fp, mode=self._mode, context=context, cells=cells,
@@ -145,8 +155,7 @@ class ModuleEncoder:
     def find(self, record: SchemaRecord, path: str) -> Hit | None:
         """The module's stored state: at its key, or the same content stored at another start (shifted)."""
         module = record.modules[path]
-        return self._store.find(module.key, {"model": self._model_fp, "state": self._state_fp},
-                                runs=len(module.ranges))
+        return self._store.find(module.key, self.expect, runs=len(module.ranges))
 
     def stored(self, record: SchemaRecord, path: str) -> bool:
         """Whether the module's state is stored, at its start or another (a cheap check: nothing is read)."""

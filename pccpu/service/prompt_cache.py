@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Unpack
 
@@ -28,6 +28,7 @@ from pccpu.errors import BusyError, ConfigError, OptionError
 from pccpu.pml import SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
 from pccpu.service.answer import Answer
 from pccpu.service.answering import FIRST_SCRATCH_SEQ, REQUEST_SEQ, SAVE_SEQ, WORK_SEQ, PromptFacts, RequestPath
+from pccpu.service.chat import DEFAULT_MIN_CHUNK_TOKENS, ChatPath, build_chunks
 from pccpu.service.encoder import EncodeStats, ModuleEncoder, ProgressCallback
 from pccpu.service.options import GenerationKwargs, GenerationOptions
 from pccpu.service.passes import ContextMode, cached_modules, check_mode, plan_passes
@@ -85,13 +86,15 @@ class PromptCache:
         resident_slots: int = 64,
         reuse_previous: bool = True,
         session_budget: int | None = None,
+        min_chunk_tokens: int = DEFAULT_MIN_CHUNK_TOKENS,
         runtime: Runtime | None = None,
     ) -> None:
         """``model``: a registry name or a .gguf path (default: $PCCPU_MODEL or the registry's default).
 
         ``reuse_previous``: each session keeps its cells for its next request (off: every request is assembled
         from the module store, for measurements). ``session_budget``: bytes of parked session states in RAM
-        (default: a tenth of the memory available). ``runtime``: an opened model and context to use instead of
+        (default: a tenth of the memory available). ``min_chunk_tokens``: chat messages shorter than this
+        are stored together with the next (see ``chat()``). ``runtime``: an opened model and context to use instead of
         ``model`` and the engine settings (tests pass a fake engine here).
         """
         self.mode: ContextMode = check_mode(mode)
@@ -139,6 +142,9 @@ class PromptCache:
                                       work_seq=WORK_SEQ, save_seq=SAVE_SEQ)
         self._path = RequestPath(runtime, self._encoder, self._sessions, self._residents, n_ctx=self.n_ctx,
                                  n_scratch_end=n_seq_max, reuse_previous=reuse_previous)
+        self._chat_path = ChatPath(runtime, self._store, request_seq=REQUEST_SEQ, save_seq=SAVE_SEQ,
+                                   expect=self._encoder.expect, keep_seqs=lambda: residents.seq_ids)
+        self._min_chunk_tokens = min_chunk_tokens
         self._schemas = SchemaRegistry()
         filler = runtime.model.tokenize(" ")  # fills parameter slots beyond their scaffold when encoding
         self._filler = filler[0] if filler else 0
@@ -281,6 +287,37 @@ class PromptCache:
 
         return Session(self, self._sessions.open(name))
 
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, cache: bool = True, session: Session | None = None,
+             options: GenerationOptions | None = None, **kwargs: Unpack[GenerationKwargs]) -> Answer:
+        """Answer an OpenAI-style conversation (``[{"role": "user", "content": "..."}, ...]``) without a schema:
+        each message, and each text part of a message's content, is a module stored the first time it is computed
+        and restored after the same conversation prefix anywhere, across sessions and restarts (``chat.py``).
+        ``add_generation_prompt`` (default on) opens the assistant's turn after the last message."""
+        opts = GenerationOptions.from_kwargs(kwargs, options)
+        state = self._default_session if session is None else session._state_for(self)
+        self._sessions.check(state)
+        return Answer(lambda done: self._run_chat(messages, state, cache, opts, done))
+
+    def _run_chat(self, messages: Sequence[Mapping[str, Any]], state: SessionState, cache: bool,
+                  opts: GenerationOptions, done: Callable[[Result], None]) -> Iterator[str]:
+        with self._exclusive():
+            started = time.perf_counter()
+            chunks = build_chunks(messages, self._runtime, seed=self._encoder.seed, n_ctx=self.n_ctx,
+                                  add_generation_prompt=opts.add_generation_prompt is not False,
+                                  min_chunk_tokens=self._min_chunk_tokens)
+            tokens = [t for chunk in chunks for t in chunk.tokens]
+            clock = {"plan_ms": (time.perf_counter() - started) * 1000, "switch_ms": self._sessions.activate(state)}
+            state.requests += 1
+            try:
+                prefill = (self._chat_path.prefill(chunks, state, clock, reuse=self._path.reuse_previous) if cache
+                           else self._path.prefill_baseline(tokens, clock))
+            except BaseException:
+                self._runtime.context.seq_rm(REQUEST_SEQ)
+                self._sessions.forget_active()
+                raise
+            facts = PromptFacts(len(tokens), lambda: tokens)
+            yield from self._path.generate(facts, state, prefill, opts, started, clock, cache, done)
+
     def _close_session(self, state: SessionState) -> None:
         with self._exclusive():
             self._sessions.close(state)
@@ -301,7 +338,7 @@ class PromptCache:
             state.requests += 1
             try:
                 prefill = (self._path.prefill_cached(request, state, clock) if cache
-                           else self._path.prefill_baseline(request, clock))
+                           else self._path.prefill_baseline(request.plan.baseline_tokens(), clock))
             except BaseException:
                 self._runtime.context.seq_rm(REQUEST_SEQ)  # whatever the failed assembly left
                 self._sessions.forget_active()

@@ -1,0 +1,236 @@
+"""Chats without a schema: every message (and every content part) of an OpenAI-style conversation becomes a module
+on its own, stored the first time it is computed and restored wherever the same conversation prefix comes again:
+in another request, another session, another process after a restart.
+
+**What context a chat module is encoded with, and where its positions come from** (exact-prefix mode, the only
+one so far): a chunk's state is the KV the model computes for its tokens after *every token before it in the
+conversation*, at the positions they have there (BOS at 0, then the chunks back to back). Its key chains the key of
+the chunk before it with the chunk's own tokens, so a stored chunk is found only after the very same prefix: a
+restored answer is the full prefill's, bit for bit where llama.cpp's results do not depend on batch sizes.
+Reordered or dropped documents are not reused in this mode: that needs modules encoded apart and boundary repair
+(see the accuracy issue), because modules encoded apart lose accuracy (3/12 against 9/12 on Qwen2.5-Coder-0.5B).
+
+**What is stored.** Nothing is encoded on purpose: after a request, the chunks it decoded are copied out of the
+request sequence (``seq_cp`` into a save sequence, ``llama_state_seq_get``) and stored, at the cost of a memory
+copy. Chunks shorter than ``min_chunk_tokens`` are merged into the next one (a store entry per three-token "ok" is
+not worth its lookup); the last message and the assistant's opening are always decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pccpu.errors import ConfigError, LayoutOverflowError, OptionError
+from pccpu.roles import Role, RoleTag
+from pccpu.service.answering import Prefill
+from pccpu.service.result import ModuleUse
+from pccpu.service.reuse import TOKEN, CellTrace, common_prefix
+from pccpu.service.runtime import Runtime
+from pccpu.service.sessions import SessionState
+from pccpu.store import EntryKey, EntryMeta, ModuleStore, StoredModule
+
+logger = logging.getLogger(__name__)
+
+CHAT_MODE = "chat-prefix"  # part of every chat module's key and metadata
+DEFAULT_MIN_CHUNK_TOKENS = 64
+ROLES = {"system": Role.SYSTEM, "developer": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """Consecutive tokens of the conversation stored (or looked up) as one module."""
+
+    label: str  # "message 2", "message 2 part 1"
+    tokens: tuple[int, ...]
+    start: int
+    key: EntryKey | None  # None: never stored (the last message and the assistant's opening)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+def message_texts(messages: Sequence[Mapping[str, Any]]) -> list[tuple[Role, list[str]]]:
+    """(role, text parts) per message, checked: roles system/developer/user/assistant; content a string or a list of
+    ``{"type": "text", "text": ...}`` parts. A part with ``cache_control`` ends a chunk (Anthropic's marker); every
+    part is its own chunk anyway, so the marker changes nothing in exact-prefix mode."""
+    if not messages:
+        raise OptionError("messages must hold at least one message")
+    out: list[tuple[Role, list[str]]] = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise OptionError(f"messages[{i}] must be an object with a role and a content")
+        role = ROLES.get(str(message.get("role")))
+        if role is None:
+            raise OptionError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            parts = [content]
+        elif isinstance(content, list) and content:
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise OptionError(f"messages[{i}].content[{j}] must be a text part ({{\"type\": \"text\", "
+                                      "\"text\": ...}}); images and audio are not supported")
+                parts.append(str(part["text"]))
+        else:
+            raise OptionError(f"messages[{i}].content must be a string or a non-empty list of text parts")
+        out.append((role, parts))
+    return out
+
+
+def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, seed: str, n_ctx: int,
+                 add_generation_prompt: bool = True,
+                 min_chunk_tokens: int = DEFAULT_MIN_CHUNK_TOKENS) -> list[ChatChunk]:
+    """The conversation as chunks of tokens at their positions (see the module docstring); ``seed`` starts the key
+    chain (namespace, model and engine fingerprints)."""
+    texts = message_texts(messages)
+    tags: list[RoleTag] = []
+    if texts[0][0] is not Role.SYSTEM:
+        tags.append(RoleTag(Role.SYSTEM, "empty"))  # the system block the template writes when there is none
+    for role, _ in texts:
+        tags += [RoleTag(role, "open"), RoleTag(role, "close")]
+    rendered = runtime.roles.render_tags(tags)
+    default_system = texts[0][0] is not Role.SYSTEM
+    lead = rendered[0] if default_system else ""  # goes before the first message's text
+    tag_text = iter(rendered[1:] if default_system else rendered)
+    pieces: list[tuple[str, str]] = []  # (label, text)
+    for i, (_, parts) in enumerate(texts):
+        opening, closing = next(tag_text), next(tag_text)
+        for j, part in enumerate(parts):
+            label = f"message {i}" if len(parts) == 1 else f"message {i} part {j}"
+            text = (opening if j == 0 else "") + part + (closing if j == len(parts) - 1 else "")
+            pieces.append((label, (lead + text) if i == j == 0 else text))
+    if add_generation_prompt:
+        pieces.append(("assistant opening", runtime.roles.generation_prompt))
+    tokenize = runtime.model.tokenize
+    token_lists = [(label, list(tokenize(text)) if text else []) for label, text in pieces]
+    token_lists[0] = (token_lists[0][0], [*runtime.bos_tokens, *token_lists[0][1]])
+    total = sum(len(t) for _, t in token_lists)
+    if total > n_ctx - 1:
+        raise LayoutOverflowError(f"the conversation is {total} tokens, more than the context of n_ctx={n_ctx} "
+                                  "leaves room for (shorten it, or start the server with a larger --n-ctx)")
+    # the last message and the assistant's opening are decoded every time: they are the question
+    tail = 2 if add_generation_prompt else 1
+    chunks: list[ChatChunk] = []
+    digest = hashlib.sha256(f"{CHAT_MODE}\0{seed}".encode()).hexdigest()
+    position = 0
+    pending: list[int] = []
+    labels: list[str] = []
+    for index, (label, tokens) in enumerate(token_lists):
+        pending += tokens
+        labels.append(label)
+        stored = index < len(token_lists) - tail
+        if stored and len(pending) < min_chunk_tokens:
+            continue  # too small for a module of its own: merged into the next chunk
+        key = None
+        if stored:
+            digest = hashlib.sha256(digest.encode() + np.asarray(pending, dtype=np.int64).tobytes()).hexdigest()
+            key = EntryKey(digest, position)
+        name = labels[0] if len(labels) == 1 else f"{labels[0]} .. {labels[-1]}"
+        chunks.append(ChatChunk(name, tuple(pending), position, key))
+        position += len(pending)
+        pending, labels = [], []
+    return [c for c in chunks if c.tokens]
+
+
+def chunk_trace(chunks: Sequence[ChatChunk]) -> CellTrace:
+    """Every cell as a decoded token: in exact-prefix mode a restored chunk holds the KV its tokens give after the
+    same prefix, so a session's cells compare by token and position alone."""
+    tokens = np.asarray([t for c in chunks for t in c.tokens], dtype=np.int64)
+    n = len(tokens)
+    return CellTrace(np.arange(n, dtype=np.int64), np.full(n, TOKEN, dtype=np.int64), tokens,
+                     np.zeros(n, dtype=np.int64))
+
+
+class ChatPath:
+    """Brings a chat's chunks into the request sequence: the session's cells first, then stored chunks in order
+    until the first one missing, then the rest decoded in one call; afterwards the decoded chunks are stored."""
+
+    def __init__(self, runtime: Runtime, store: ModuleStore, *, request_seq: int, save_seq: int,
+                 expect: dict[str, str], keep_seqs: Callable[[], list[int]]) -> None:
+        self._keep_seqs = keep_seqs  # resident runs: never cleared
+        self._runtime = runtime
+        self._store = store
+        self._request_seq = request_seq
+        self._save_seq = save_seq
+        self._expect = expect
+
+    def prefill(self, chunks: list[ChatChunk], state: SessionState, clock: dict[str, float],
+                reuse: bool) -> Prefill:
+        context = self._runtime.context
+        trace = chunk_trace(chunks)
+        kept, state.kept = state.kept, None
+        held = common_prefix(kept, trace) if reuse and kept is not None else 0
+        if held:  # the session's first cells stay; new cells go right after them (see assembler.assemble)
+            context.clear(keep=[*self._keep_seqs(), self._request_seq])
+            context.seq_rm(self._request_seq, held, -1)
+        else:
+            context.clear(keep=self._keep_seqs())
+        started = time.perf_counter()
+        uses: list[ModuleUse] = []
+        restored = 0
+        cursor = held  # the next position to fill
+        missing_from: int | None = None
+        for index, chunk in enumerate(chunks):
+            if chunk.end <= cursor:
+                continue
+            if chunk.key is None:
+                missing_from = index
+                break
+            hit = self._store.lookup(chunk.key, self._expect)
+            if hit is None:
+                missing_from = index
+                break
+            begun = time.perf_counter()
+            context.state_seq_set(self._save_seq, hit.entry.state)  # a scratch: restores replace, so copy over
+            context.seq_cp(self._save_seq, self._request_seq, cursor, chunk.end)
+            context.seq_rm(self._save_seq)
+            clock["restore_ms"] = clock.get("restore_ms", 0.0) + (time.perf_counter() - begun) * 1000
+            uses.append(ModuleUse(chunk.label, hit.tier, chunk.end - cursor, hit.entry.nbytes))
+            restored += chunk.end - cursor
+            cursor = chunk.end
+        clock["lookup_ms"] = (time.perf_counter() - started) * 1000 - clock.get("restore_ms", 0.0)
+        rest = [t for c in chunks for t in c.tokens][cursor:]
+        if not rest:  # everything was held or stored: decode the last token again for the logits
+            cursor -= 1
+            context.seq_rm(self._request_seq, cursor, -1)
+            rest = [chunks[-1].tokens[-1]]
+            if restored:
+                restored -= 1
+            else:
+                held -= 1
+        begun = time.perf_counter()
+        logits = context.decode(rest, seq_id=self._request_seq, start=cursor)
+        clock["decode_ms"] = (time.perf_counter() - begun) * 1000
+        if logits is None:
+            raise ConfigError("llama.cpp returned no logits after the conversation")
+        if missing_from is not None:
+            uses += self._store_decoded(chunks[missing_from:])
+        return Prefill(logits, trace.positions.size, trace if reuse else None, session_tokens=held,
+                       cached_tokens=restored, uses=tuple(uses))
+
+    def _store_decoded(self, chunks: Sequence[ChatChunk]) -> list[ModuleUse]:
+        """Copy the chunks just decoded out of the request sequence into the store (a memory copy each)."""
+        context = self._runtime.context
+        uses = []
+        for chunk in chunks:
+            if chunk.key is None:
+                uses.append(ModuleUse(chunk.label, "uncached", len(chunk.tokens)))
+                continue
+            context.seq_cp(self._request_seq, self._save_seq, chunk.start, chunk.end)
+            state = context.state_seq_get(self._save_seq)
+            context.seq_rm(self._save_seq)
+            meta = EntryMeta(schema="chat", module=chunk.label, mode=CHAT_MODE, ranges=((chunk.start, chunk.end),),
+                             run_bytes=(state.nbytes,), model=self._expect["model"], state=self._expect["state"],
+                             model_file=self._runtime.model.path.name, created=time.time())
+            self._store.save(StoredModule(chunk.key, state, meta))
+            uses.append(ModuleUse(chunk.label, "encoded", len(chunk.tokens), state.nbytes))
+        return uses

@@ -1,0 +1,126 @@
+"""Chats without a schema (pccpu/service/chat.py): messages become stored chunks, restored after the same
+conversation prefix in any session and after a restart, with the full-prefill answer. Fast tests on the fake engine,
+one on the real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import FakeCacheFactory
+
+from pccpu.errors import LayoutOverflowError, OptionError
+from pccpu.service import PromptCache, Result
+from pccpu.service.chat import build_chunks
+
+DOC = "The clock museum of Lindenfeld opens at nine and closes at five. " * 6
+
+
+def conversation(*turns: str, system: str = "You answer from the document.") -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system},
+                                      {"role": "user", "content": [{"type": "text", "text": DOC},
+                                                                   {"type": "text", "text": turns[0]}]}]
+    for i, turn in enumerate(turns[1:]):
+        messages += [{"role": "assistant", "content": f"Answer {i}."}, {"role": "user", "content": turn}]
+    return messages
+
+
+def chat(pc: PromptCache, messages: list[dict[str, Any]], **options: Any) -> Result:
+    return pc.chat(messages, **options).result()
+
+
+@pytest.fixture
+def pc(fake_cache: FakeCacheFactory) -> PromptCache:
+    cache: PromptCache = fake_cache(min_chunk_tokens=16)
+    return cache
+
+
+@pytest.mark.parametrize(("messages", "message"), [
+    ([], "at least one message"),
+    ([{"role": "robot", "content": "hi"}], "role must be one of"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "images and audio are not supported"),
+    ([{"role": "user", "content": 3}], "must be a string or a non-empty list"),
+    (["hello"], "must be an object"),
+])
+def test_bad_messages_are_option_errors(pc: PromptCache, messages: list[Any], message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        chat(pc, messages)
+
+
+def test_a_conversation_longer_than_the_context_is_refused(fake_cache: FakeCacheFactory) -> None:
+    small = fake_cache(n_ctx=256)
+    with pytest.raises(LayoutOverflowError, match="n_ctx=256"):
+        chat(small, conversation("x" * 400))
+    assert chat(small, [{"role": "user", "content": "hi"}], max_tokens=1).generated_tokens == 1
+
+
+def test_chunks_chain_their_keys_and_merge_small_messages(pc: PromptCache) -> None:
+    runtime = pc._runtime  # internal on purpose: chunking is a pure function of the runtime's tokenizer and roles
+    # the fake tokenizer gives a token per byte: the system turn is ~40 tokens, merged into the document's chunk
+    first = build_chunks(conversation("When?"), runtime, seed="s", n_ctx=4096, min_chunk_tokens=64)
+    longer = build_chunks(conversation("When?", "And on Sundays?"), runtime, seed="s", n_ctx=4096,
+                          min_chunk_tokens=64)
+    other = build_chunks(conversation("When?", system="Be brief."), runtime, seed="s", n_ctx=4096,
+                         min_chunk_tokens=64)
+    assert [c.label for c in first] == ["message 0 .. message 1 part 0", "message 1 part 1", "assistant opening"]
+    assert first[0].key is not None and first[1].key is None and first[2].key is None  # the question: decoded
+    assert longer[0].key == first[0].key  # the same prefix, the same stored chunk
+    assert other[0].key != first[0].key  # another system message: nothing after it is shared
+    assert [c.start for c in longer] == [0, *np.cumsum([len(c.tokens) for c in longer])[:-1]]
+    one_by_one = build_chunks(conversation("When?"), runtime, seed="s", n_ctx=4096, min_chunk_tokens=1)
+    assert len(one_by_one) == 4 and one_by_one[0].label == "message 0"
+    assert build_chunks(conversation("When?"), runtime, seed="t", n_ctx=4096, min_chunk_tokens=64)[0].key \
+        != first[0].key
+
+
+def test_a_chat_is_stored_and_restored_with_the_full_prefill_answer(pc: PromptCache) -> None:
+    messages = conversation("When does it open?")
+    first = chat(pc, messages, max_tokens=4, keep_logits=True)
+    assert first.cached_tokens == 0 and {m.source for m in first.modules} == {"encoded", "uncached"}
+    full = chat(pc, messages, cache=False, max_tokens=4, keep_logits=True)
+    assert np.array_equal(first.first_logits, full.first_logits) and first.text == full.text
+    with pc.session() as other:  # another conversation with the same start: the stored chunks come back
+        again = pc.chat(messages, session=other, max_tokens=4, keep_logits=True).result()
+    assert again.session_tokens == 0
+    assert again.cached_tokens == sum(m.tokens for m in first.modules if m.source == "encoded")
+    assert again.uncached_tokens == sum(m.tokens for m in first.modules if m.source == "uncached")
+    assert np.array_equal(again.first_logits, full.first_logits)
+
+
+def test_a_follow_up_reuses_the_session_and_stores_the_earlier_turn(pc: PromptCache) -> None:
+    first = chat(pc, conversation("When does it open?"), max_tokens=3)
+    follow = conversation("When does it open?", "And when does it close?")
+    follow[2]["content"] = first.text
+    second = chat(pc, follow, max_tokens=3, keep_logits=True)
+    assert second.session_tokens >= sum(m.tokens for m in first.modules)  # the whole first prompt was held
+    assert second.cached_tokens == 0
+    full = chat(pc, follow, cache=False, max_tokens=3, keep_logits=True)
+    assert np.array_equal(second.first_logits, full.first_logits)
+    with pc.session() as fresh:  # the first turn and its answer were stored as chunks meanwhile
+        third = pc.chat(follow, session=fresh, max_tokens=3).result()
+    assert third.cached_tokens > second.uncached_tokens
+
+
+def test_a_changed_earlier_message_is_not_reused(pc: PromptCache) -> None:
+    chat(pc, conversation("When does it open?"), max_tokens=2)
+    with pc.session() as other:
+        changed = pc.chat(conversation("When does it open?", system="Be brief."), session=other,
+                          max_tokens=2).result()
+    assert changed.cached_tokens == 0 and changed.session_tokens == 0
+
+
+def test_a_chat_after_a_restart_comes_from_disk(default_model_path: Path, tmp_path: Path) -> None:
+    messages = conversation("When does the museum open?")
+    with PromptCache(str(default_model_path), n_ctx=1024, n_threads=2, store_dir=tmp_path,
+                     min_chunk_tokens=16) as first:
+        computed = chat(first, messages, max_tokens=8)
+    assert {m.source for m in computed.modules} == {"encoded", "uncached"}
+    with PromptCache(str(default_model_path), n_ctx=1024, n_threads=2, store_dir=tmp_path,
+                     min_chunk_tokens=16) as again:
+        restored = chat(again, messages, max_tokens=8, keep_logits=True)
+        full = chat(again, messages, cache=False, max_tokens=8, keep_logits=True)
+    assert "disk" in {m.source for m in restored.modules} and restored.cached_tokens > 0
+    assert np.array_equal(restored.first_logits, full.first_logits)
+    assert restored.text == full.text == computed.text
