@@ -38,6 +38,7 @@ def _register() -> None:
     from pccpu.cli import demo as demo_cli
     from pccpu.cli import models as models_cli
     from pccpu.cli import schema as schema_cli
+    from pccpu.cli import serve as serve_cli
 
     main.add_command(bench_cli.bench)
     main.add_command(models_cli.models)
@@ -46,6 +47,7 @@ def _register() -> None:
     main.add_command(ask_cli.ask)
     main.add_command(cache_cli.cache)
     main.add_command(demo_cli.demo)
+    main.add_command(serve_cli.serve)
 
 
 _register()

@@ -1,0 +1,55 @@
+"""``pccpu serve``: the OpenAI-compatible server (see ``pccpu.server``)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+import click
+
+from pccpu.cli.options import cache_options, open_prompt_cache
+
+logger = logging.getLogger(__name__)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but a loopback address exposes the model to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--api-key", envvar="PCCPU_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every request. Env: PCCPU_API_KEY.")
+@click.option("--model-id", default=None, help="The model name clients send (default: the .gguf file's stem).")
+@click.option("--max-queue", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Requests waiting beyond this get 429 with Retry-After.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 1 << 16), default=512, show_default=True,
+              help="Answer length when a request gives no max_tokens.")
+@cache_options
+def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int, max_new_tokens: int,
+          **opts: Any) -> None:
+    """Serve /v1/chat/completions, /v1/models, /health and /metrics over HTTP."""
+    import uvicorn
+
+    from pccpu.server import ServerSettings, create_app
+
+    if not _is_loopback(host):
+        click.echo(f"warning: listening on {host}: anyone who can reach it can use the model"
+                   f"{'' if api_key else ' (no --api-key set)'}", err=True)
+    cache = open_prompt_cache(**opts)
+    name = model_id or cache.model_path.stem
+    settings = ServerSettings(model_id=name, api_key=api_key, max_queue=max_queue, max_new_tokens=max_new_tokens)
+    app = create_app(cache, settings)
+    click.echo(f"serving {name} on http://{host}:{port}/v1", err=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        cache.close()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

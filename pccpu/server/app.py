@@ -1,0 +1,216 @@
+"""``pccpu serve``: an OpenAI-compatible HTTP server on one PromptCache.
+
+Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events ending with ``data: [DONE]``, or not),
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Every message of a chat is a stored module
+(``PromptCache.chat``): a conversation continued in its next request reuses its cells, and any conversation that
+starts the same way, before or after a restart, restores what was computed once.
+
+Starlette and uvicorn, not FastAPI: the request bodies are checked by hand (``openai_api.py``) so that every error
+names its parameter in OpenAI's shape, which leaves FastAPI's validation layer nothing to do. Conversations are
+sessions, keyed by ``prompt_cache_key`` (else ``user``); requests without either share one session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from pccpu.errors import LayoutOverflowError, OptionError, PccpuError, PmlError
+from pccpu.server.metrics import Metrics
+from pccpu.server.openai_api import (
+    ChatRequest,
+    RequestError,
+    chat_completion,
+    chunk,
+    completion_id,
+    error_body,
+    finish_reason,
+    parse_chat_request,
+)
+from pccpu.server.worker import END, Job, QueueFullError, Worker
+from pccpu.service import PromptCache, Result, Session
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_id: str
+    api_key: str | None = None
+    max_body_bytes: int = 4 << 20
+    max_queue: int = 16
+    max_new_tokens: int = 512  # when a request gives no max_tokens
+    max_conversations: int = 64  # sessions kept by key; the least recently used is closed beyond this
+    request_timeout_s: float = 600.0
+
+
+class Conversations:
+    """Sessions by conversation key, least recently used closed first. Used on the worker thread only."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+
+    def get(self, cache: PromptCache, key: str | None) -> Session | None:
+        if key is None:
+            return None  # the cache's default session
+        session = self._sessions.get(key)
+        if session is None:
+            session = cache.session(key)
+            self._sessions[key] = session
+            while len(self._sessions) > self._limit:
+                _, oldest = self._sessions.popitem(last=False)
+                oldest.close()
+        self._sessions.move_to_end(key)
+        return session
+
+
+def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
+    worker = Worker(cache, max_queue=settings.max_queue)
+    conversations = Conversations(settings.max_conversations)
+    metrics = Metrics()
+
+    def refuse(exc: RequestError) -> JSONResponse:
+        metrics.errors += 1
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def checked_body(request: Request) -> Any:
+        if settings.api_key is not None:
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {settings.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                raise RequestError("a valid API key is needed: send 'Authorization: Bearer KEY'", status=401,
+                                   kind="authentication_error", code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            raise RequestError(f"the body is larger than {settings.max_body_bytes} bytes", status=413)
+        raw = await request.body()
+        if len(raw) > settings.max_body_bytes:
+            raise RequestError(f"the body is larger than {settings.max_body_bytes} bytes", status=413)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise RequestError(f"the body is not valid JSON: {exc}") from None
+
+    def job_for(parsed: ChatRequest) -> Job:
+        def start(pc: PromptCache) -> Any:
+            session = conversations.get(pc, parsed.conversation)
+            return pc.chat(parsed.messages, session=session, options=parsed.options)
+
+        return Job(start)
+
+    async def next_item(job: Job) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, job.output.get)
+
+    async def chat_completions(request: Request) -> Response:
+        try:
+            parsed = parse_chat_request(await checked_body(request), settings.model_id,
+                                        max_new_tokens=settings.max_new_tokens)
+            job = job_for(parsed)
+            worker.submit(job)
+        except RequestError as exc:
+            return refuse(exc)
+        except QueueFullError as exc:
+            metrics.errors += 1
+            return JSONResponse(error_body(str(exc), kind="rate_limit_error"), status_code=429,
+                                headers={"Retry-After": "1"})
+        metrics.requests += 1
+        ident = completion_id()
+        if parsed.stream:
+            return StreamingResponse(stream(job, ident, parsed.include_usage), media_type="text/event-stream")
+        try:
+            result = await asyncio.wait_for(collect(job), timeout=settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled.set()
+            return refuse(RequestError("the request timed out", status=504, kind="timeout"))
+        except RequestError as exc:
+            return refuse(exc)
+        metrics.record(result)
+        return JSONResponse(chat_completion(result, settings.model_id, ident))
+
+    async def collect(job: Job) -> Result:
+        try:
+            while True:
+                item = await next_item(job)
+                if isinstance(item, BaseException):
+                    raise as_request_error(item)
+                if isinstance(item, Result):
+                    await next_item(job)  # END
+                    return item
+        finally:
+            job.cancelled.set()  # a no-op once it finished; stops it if this coroutine was cancelled
+
+    async def stream(job: Job, ident: str, include_usage: bool) -> AsyncIterator[str]:
+        try:
+            yield sse(chunk(settings.model_id, ident, {"role": "assistant", "content": ""}))
+            while True:
+                item = await next_item(job)
+                if item is END:
+                    break
+                if isinstance(item, str):
+                    yield sse(chunk(settings.model_id, ident, {"content": item}))
+                elif isinstance(item, Result):
+                    metrics.record(item)
+                    yield sse(chunk(settings.model_id, ident, {}, finish_reason(item)))
+                    if include_usage:
+                        yield sse(chunk(settings.model_id, ident, {}, result=item))
+                else:  # an error after the response started: OpenAI's clients read an error event
+                    error = as_request_error(item)
+                    metrics.errors += 1
+                    yield sse(error.body())
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled.set()  # the client went away: the worker stops within one token
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": settings.model_id, "object": "model",
+                                                         "created": 0, "owned_by": "pccpu"}]})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "queued": worker.queued})
+
+    async def metrics_text(request: Request) -> Response:
+        return PlainTextResponse(metrics.render(cache.stats(), worker.queued),
+                                 media_type="text/plain; version=0.0.4")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        worker.stop()
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
+    ], lifespan=lifespan)
+
+
+def as_request_error(exc: BaseException) -> RequestError:
+    """A library error as the HTTP error a client can act on."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, LayoutOverflowError):
+        return RequestError(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, (OptionError, PmlError)):
+        return RequestError(str(exc))
+    if isinstance(exc, PccpuError):
+        return RequestError(f"{type(exc).__name__}: {exc}", status=500, kind="server_error")
+    return RequestError(f"internal error ({type(exc).__name__}); see the server's log", status=500,
+                        kind="server_error")
+
+
+def sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"

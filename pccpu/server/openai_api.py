@@ -1,0 +1,169 @@
+"""OpenAI's chat-completions format: request bodies checked into pccpu options, results written as OpenAI and
+llama-server clients read them, and errors in OpenAI's shape.
+
+Every parameter is either honoured, refused with a 400 that names it (``n`` other than 1, ``logprobs``, penalties,
+tools), or unknown (also a 400): none is silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pccpu.service import GenerationOptions, Result
+
+# accepted with no effect on the answer: they only describe the request
+DESCRIPTIVE = {"model", "messages", "stream", "stream_options", "user", "prompt_cache_key", "metadata", "store"}
+SAMPLING = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n"}
+# known OpenAI parameters pccpu does not implement: refused unless they hold their neutral value
+NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,),
+    "service_tier": (None, "auto", "default"),
+}
+MAX_TOKENS_LIMIT = 1 << 16
+
+
+class RequestError(Exception):
+    """A client error: HTTP status, OpenAI error type, the parameter at fault, a message that says what to do."""
+
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.kind, self.code = status, param, kind, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(str(self), kind=self.kind, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    options: GenerationOptions
+    stream: bool
+    include_usage: bool
+    conversation: str | None  # prompt_cache_key, else user: which session it continues
+
+
+def parse_chat_request(body: Any, model_id: str, *, max_new_tokens: int) -> ChatRequest:
+    if not isinstance(body, Mapping):
+        raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(body) - DESCRIPTIVE - SAMPLING - set(NEUTRAL))
+    if unknown:
+        raise RequestError(f"unknown parameter {unknown[0]!r}; pccpu accepts: "
+                           f"{', '.join(sorted(DESCRIPTIVE | SAMPLING | set(NEUTRAL)))}", param=unknown[0])
+    for name, neutral in NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise RequestError(f"{name} is not supported by pccpu; leave it out", param=name)
+    model = body.get("model")
+    if model is not None and model != model_id:
+        raise RequestError(f"the model {model!r} does not exist here; this server serves {model_id!r}",
+                           status=404, param="model", code="model_not_found")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content} objects", param="messages")
+    if body.get("n", 1) != 1:
+        raise RequestError("n must be 1: pccpu answers one choice per request", param="n")
+    stream = _typed(body, "stream", bool, False)
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, Mapping):
+        raise RequestError("stream_options must be an object", param="stream_options")
+    include_usage = bool(stream_options.get("include_usage", False))
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+        max_tokens = max_new_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise RequestError(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, got {max_tokens!r}",
+                           param="max_tokens")
+    stop = body.get("stop")
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 4:
+        raise RequestError("stop must be a non-empty string or a list of up to 4 of them", param="stop")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise RequestError("seed must be an integer", param="seed")
+    conversation = body.get("prompt_cache_key") or body.get("user")
+    if conversation is not None and not isinstance(conversation, str):
+        raise RequestError("prompt_cache_key and user must be strings", param="prompt_cache_key")
+    options = GenerationOptions(max_tokens=max_tokens, stop=tuple(stops), temperature=temperature,
+                                top_p=top_p if top_p > 0 else 1e-6, seed=seed)
+    return ChatRequest(messages, options, stream, include_usage, conversation)
+
+
+def _typed(body: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise RequestError(f"{name} must be a {kind.__name__}, got {type(value).__name__}", param=name)
+    return value
+
+
+def _number(body: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(f"{name} must be a number from {low} to {high}, got {value!r}", param=name)
+    return float(value)
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage(result: Result) -> dict[str, Any]:
+    """OpenAI's usage, llama-server's timings and pccpu's own breakdown. In a chat every reused token is an exact
+    prefix hit (the same tokens after the same prefix), so cached_tokens counts all of them."""
+    reused = result.session_tokens + result.cached_tokens
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.generated_tokens,
+        "total_tokens": result.prompt_tokens + result.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": reused},
+    }
+
+
+def timings(result: Result) -> dict[str, Any]:
+    t = result.timings
+    return {"prompt_n": result.uncached_tokens, "prompt_ms": result.ttft_ms, "cache_n": result.session_tokens
+            + result.cached_tokens, "predicted_n": result.generated_tokens, "predicted_ms": t.generate_ms,
+            "pccpu": {"session_tokens": result.session_tokens, "stored_tokens": result.cached_tokens,
+                      "decoded_tokens": result.uncached_tokens, "exact": True, "restore_ms": t.restore_ms,
+                      "decode_ms": t.decode_ms,
+                      "modules": [{"module": m.module, "source": m.source, "tokens": m.tokens}
+                                  for m in result.modules]}}
+
+
+def finish_reason(result: Result) -> str:
+    return "length" if result.finish_reason in ("length", "context") else "stop"
+
+
+def chat_completion(result: Result, model_id: str, ident: str) -> dict[str, Any]:
+    return {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                         "finish_reason": finish_reason(result), "logprobs": None}],
+            "usage": usage(result), "timings": timings(result)}
+
+
+def chunk(model_id: str, ident: str, delta: dict[str, Any], finish: str | None = None,
+          result: Result | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
+                            "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                            "logprobs": None}]}
+    if result is not None:  # the usage chunk: no choices (stream_options.include_usage)
+        body["choices"] = []
+        body["usage"] = usage(result)
+        body["timings"] = timings(result)
+    return body

@@ -1,0 +1,239 @@
+"""``pccpu serve`` (pccpu/server): the real HTTP server on 127.0.0.1 and a free port, talked to with the official
+``openai`` SDK and plain httpx. Most tests run it on the fake engine (fast); the last ones on the real model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from conftest import FakeCacheFactory
+
+from pccpu.server import ServerSettings, create_app
+from pccpu.server.worker import Job, QueueFullError, Worker
+from pccpu.service import PromptCache
+
+MODEL = "test-model"
+DOC = "The clock museum of Lindenfeld opens at nine and closes at five, except on Mondays. " * 4
+
+
+@dataclass
+class RunningServer:
+    url: str
+    cache: PromptCache
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def client(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
+
+
+def start_server(cache: PromptCache, **settings: Any) -> RunningServer:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = create_app(cache, ServerSettings(model_id=MODEL, **settings))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    return RunningServer(f"http://127.0.0.1:{port}", cache, server, thread)
+
+
+def stop_server(running: RunningServer) -> None:
+    running.server.should_exit = True
+    running.thread.join(timeout=30)
+
+
+@pytest.fixture
+def served(fake_cache: FakeCacheFactory) -> Iterator[RunningServer]:
+    running = start_server(fake_cache(min_chunk_tokens=16), api_key=None, max_new_tokens=8)
+    yield running
+    stop_server(running)
+
+
+def messages(question: str = "When does it open?", system: str = "Answer from the document.") -> list[dict[str, Any]]:
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": [{"type": "text", "text": DOC}, {"type": "text", "text": question}]}]
+
+
+# -- the OpenAI surface ------------------------------------------------------------------------------------------
+def test_chat_completion_with_usage_and_timings(served: RunningServer) -> None:
+    reply = served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(), max_tokens=5)
+    assert reply.object == "chat.completion" and reply.model == MODEL
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("length", "stop")
+    usage = reply.usage
+    assert usage is not None and usage.completion_tokens <= 5 and usage.prompt_tokens > 400
+    assert usage.prompt_tokens_details is not None and usage.prompt_tokens_details.cached_tokens == 0
+    timings = (reply.model_extra or {})["timings"]
+    assert timings["prompt_n"] == usage.prompt_tokens and timings["pccpu"]["exact"] is True
+
+
+def test_streamed_chat_ends_with_usage_and_done(served: RunningServer) -> None:
+    stream = served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(), max_tokens=6,
+                                                     stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["length"], ["stop"])
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    plain = served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(), max_tokens=6)
+    assert plain.choices[0].message.content == text  # greedy: streamed and not streamed agree
+    raw = httpx.post(f"{served.url}/v1/chat/completions", timeout=60,
+                     json={"model": MODEL, "messages": messages(), "max_tokens": 2, "stream": True, "temperature": 0})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_conversations_and_documents_are_reused(served: RunningServer) -> None:
+    client = served.client()
+    first = client.chat.completions.create(model=MODEL, temperature=0, messages=messages(), max_tokens=4,
+                                           extra_body={"prompt_cache_key": "alice"})
+    follow = [*messages(), {"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And when does it close?"}]
+    second = client.chat.completions.create(model=MODEL, temperature=0, messages=follow, max_tokens=4,
+                                            extra_body={"prompt_cache_key": "alice"})
+    pccpu = (second.model_extra or {})["timings"]["pccpu"]
+    assert pccpu["session_tokens"] > first.usage.prompt_tokens - 10
+    other = client.chat.completions.create(model=MODEL, temperature=0, messages=messages("Is it open on Monday?"),
+                                           max_tokens=4, extra_body={"prompt_cache_key": "bob"})
+    cached = other.usage.prompt_tokens_details.cached_tokens
+    assert cached > 350  # the system message and the document, stored by alice's first request
+    back = client.chat.completions.create(model=MODEL, temperature=0, messages=follow, max_tokens=4,
+                                          extra_body={"prompt_cache_key": "alice"})
+    assert back.choices[0].message.content == second.choices[0].message.content
+    assert (back.model_extra or {})["timings"]["pccpu"]["decoded_tokens"] == 1  # alice's cells came back
+
+
+def test_models_health_and_metrics(served: RunningServer) -> None:
+    assert [m.id for m in served.client().models.list()] == [MODEL]
+    assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
+    served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(), max_tokens=2)
+    text = httpx.get(f"{served.url}/metrics").text
+    assert "pccpu_requests_total 1" in text and 'pccpu_prompt_tokens_total{source="decoded"}' in text
+    assert "pccpu_ttft_seconds_count 1" in text
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "x"}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}, 400, "max_tokens"),
+    ({"messages": "hi"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temprature": 0.5}, 400, "temprature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages"),
+])
+def test_bad_requests_get_openai_errors(served: RunningServer, body: dict[str, Any], status: int,
+                                        param: str | None) -> None:
+    reply = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+    assert "Traceback" not in reply.text
+
+
+def test_malformed_and_oversized_bodies(served: RunningServer) -> None:
+    reply = httpx.post(f"{served.url}/v1/chat/completions", content=b"{not json", timeout=30)
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+    huge = httpx.post(f"{served.url}/v1/chat/completions", content=b" " * (5 << 20), timeout=30)
+    assert huge.status_code == 413
+    assert served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(),
+                                                   max_tokens=1).choices
+
+
+def test_api_key(fake_cache: FakeCacheFactory) -> None:
+    running = start_server(fake_cache(), api_key="s3cret")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            running.client("wrong").chat.completions.create(model=MODEL, temperature=0, messages=messages(),
+                                                            max_tokens=1)
+        reply = running.client("s3cret").chat.completions.create(model=MODEL, temperature=0, messages=messages(),
+                                                                 max_tokens=1)
+        assert reply.choices
+    finally:
+        stop_server(running)
+
+
+def test_a_full_queue_is_refused(fake_cache: FakeCacheFactory) -> None:
+    release = threading.Event()
+
+    def blocked(cache: PromptCache) -> Any:
+        release.wait(10)
+        return cache.chat([{"role": "user", "content": "hi"}], max_tokens=1)
+
+    worker = Worker(fake_cache(), max_queue=1)
+    try:
+        worker.submit(Job(blocked))  # taken by the worker, which waits
+        time.sleep(0.2)
+        worker.submit(Job(blocked))  # waits in the queue
+        with pytest.raises(QueueFullError, match="1 requests are waiting"):
+            worker.submit(Job(blocked))
+    finally:
+        release.set()
+        worker.stop()
+
+
+def test_concurrent_clients_get_the_answers_of_requests_sent_one_by_one(served: RunningServer) -> None:
+    questions = [f"Question {i}: when does it open?" for i in range(4)]
+    alone = {q: served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(q),
+                                                        max_tokens=4).choices[0].message.content for q in questions}
+    answers: dict[str, list[str | None]] = {q: [] for q in questions}
+    errors: list[BaseException] = []
+
+    def client_loop(q: str) -> None:
+        try:
+            for _ in range(3):
+                reply = served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(q),
+                                                                max_tokens=4)
+                answers[q].append(reply.choices[0].message.content)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client_loop, args=(q,)) for q in questions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert all(answers[q] == [alone[q]] * 3 for q in questions)
+
+
+# -- the real model ------------------------------------------------------------------------------------------------
+def test_real_model_exact_reuse_gives_the_full_prefill_answer(default_model_path: Path, tmp_path: Path) -> None:
+    cache = PromptCache(str(default_model_path), n_ctx=2048, n_threads=2, store_dir=tmp_path, min_chunk_tokens=16)
+    running = start_server(cache, max_new_tokens=12)
+    try:
+        client = running.client()
+        first = client.chat.completions.create(model=MODEL, temperature=0, messages=messages(), max_tokens=12,
+                                               extra_body={"user": "one"})
+        second = client.chat.completions.create(model=MODEL, temperature=0, messages=messages(), max_tokens=12,
+                                                extra_body={"user": "two"})
+    finally:
+        stop_server(running)
+    assert second.usage.prompt_tokens_details.cached_tokens > 80
+    assert second.choices[0].message.content == first.choices[0].message.content
+    full = cache.chat(messages(), cache=False, max_tokens=12, keep_logits=True).result()
+    restored = cache.chat(messages(), max_tokens=12, keep_logits=True).result()
+    cache.close()
+    assert full.text == second.choices[0].message.content
+    assert restored.cached_tokens > 80 and np.array_equal(restored.first_logits, full.first_logits)
