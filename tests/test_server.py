@@ -237,3 +237,28 @@ def test_real_model_exact_reuse_gives_the_full_prefill_answer(default_model_path
     cache.close()
     assert full.text == second.choices[0].message.content
     assert restored.cached_tokens > 80 and np.array_equal(restored.first_logits, full.first_logits)
+
+
+def test_a_client_that_disconnects_stops_its_generation(served: RunningServer,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    context = served.cache._runtime.context  # the fake engine (internal on purpose)
+    decode = context.decode
+    generated = []
+
+    def slow_decode(tokens: Any, **kwargs: Any) -> Any:
+        # like llama.cpp, a decode takes time without holding the GIL, so the event loop notices the disconnect
+        time.sleep(0.005)
+        if len(tokens) == 1:
+            generated.append(tokens[0])  # the answer is decoded one token at a time
+        return decode(tokens, **kwargs)
+
+    monkeypatch.setattr(context, "decode", slow_decode)
+    body = {"model": MODEL, "messages": messages(), "max_tokens": 1500, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/chat/completions", json=body, timeout=60) as reply:
+        lines = reply.iter_lines()
+        received = [next(lines) for _ in range(6)]  # a few events, then the client goes away
+    assert any(line.startswith("data: ") for line in received)
+    # the next request runs after the cancelled one has stopped (one worker, arrival order)
+    served.client().chat.completions.create(model=MODEL, temperature=0, max_tokens=1,
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert 2 <= len(generated) < 50  # stopped soon after the disconnect, far from the 1,500 asked for
