@@ -262,3 +262,17 @@ def test_a_client_that_disconnects_stops_its_generation(served: RunningServer,
     served.client().chat.completions.create(model=MODEL, temperature=0, max_tokens=1,
                                             messages=[{"role": "user", "content": "hi"}])
     assert 2 <= len(generated) < 50  # stopped soon after the disconnect, far from the 1,500 asked for
+
+
+def test_conversations_without_a_key_are_found_by_content(served: RunningServer) -> None:
+    """Two chats interleaved by a client that names neither: each follow-up continues its own conversation's cells."""
+    client = served.client()
+    firsts = {q: client.chat.completions.create(model=MODEL, temperature=0, max_tokens=3, messages=messages(q))
+              for q in ("When does it open?", "Is it open on Monday?")}
+    for question, first in firsts.items():
+        follow = [*messages(question), {"role": "assistant", "content": first.choices[0].message.content},
+                  {"role": "user", "content": "Thanks. Anything else?"}]
+        reply = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=3, messages=follow)
+        pccpu = (reply.model_extra or {})["timings"]["pccpu"]
+        assert pccpu["session_tokens"] >= first.usage.prompt_tokens  # its own first turn was held
+        assert pccpu["stored_tokens"] == 0

@@ -7,7 +7,8 @@ starts the same way, before or after a restart, restores what was computed once.
 
 Starlette and uvicorn, not FastAPI: the request bodies are checked by hand (``openai_api.py``) so that every error
 names its parameter in OpenAI's shape, which leaves FastAPI's validation layer nothing to do. Conversations are
-sessions, keyed by ``prompt_cache_key`` (else ``user``); requests without either share one session.
+sessions, keyed by ``prompt_cache_key`` (else ``user``); a request with neither continues the conversation whose
+last prompt it extends (found by content), else starts a new one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -63,9 +64,9 @@ class Conversations:
         self._limit = limit
         self._sessions: OrderedDict[str, Session] = OrderedDict()
 
-    def get(self, cache: PromptCache, key: str | None) -> Session | None:
+    def get(self, cache: PromptCache, key: str | None) -> Session | Literal["auto"]:
         if key is None:
-            return None  # the cache's default session
+            return "auto"  # found by content: the conversation this request continues, else a new one
         session = self._sessions.get(key)
         if session is None:
             session = cache.session(key)

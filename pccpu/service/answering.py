@@ -103,8 +103,9 @@ class RequestPath:
                 # the generated tokens decoded into the request follow the prompt's cells
                 answered = max(context.seq_pos_max(REQUEST_SEQ) + 1 - prefill.next_position, 0)
                 state.kept = prefill.trace.extended(outcome.tokens[:answered], prefill.next_position)
+                state.prompt_cells = prefill.next_position
             else:
-                state.kept = None
+                state.kept, state.prompt_cells = None, 0
                 context.seq_rm(REQUEST_SEQ)
             if ttft_ms is None:  # nothing streamed (end of generation first, or max_tokens=0)
                 ttft_ms = (time.perf_counter() - started) * 1000

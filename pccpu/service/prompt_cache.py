@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from typing_extensions import Unpack
 
@@ -28,7 +28,7 @@ from pccpu.errors import BusyError, ConfigError, OptionError
 from pccpu.pml import SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
 from pccpu.service.answer import Answer
 from pccpu.service.answering import FIRST_SCRATCH_SEQ, REQUEST_SEQ, SAVE_SEQ, WORK_SEQ, PromptFacts, RequestPath
-from pccpu.service.chat import DEFAULT_MIN_CHUNK_TOKENS, ChatPath, build_chunks
+from pccpu.service.chat import DEFAULT_MIN_CHUNK_TOKENS, ChatPath, build_chunks, chunk_trace
 from pccpu.service.encoder import EncodeStats, ModuleEncoder, ProgressCallback
 from pccpu.service.options import GenerationKwargs, GenerationOptions
 from pccpu.service.passes import ContextMode, cached_modules, check_mode, plan_passes
@@ -38,13 +38,11 @@ from pccpu.service.resident import ResidentModules, ResidentStats
 from pccpu.service.result import Result
 from pccpu.service.runtime import Runtime, check_supported
 from pccpu.service.schemas import SchemaRecord, SchemaRegistry
+from pccpu.service.session import Session
 from pccpu.service.sessions import SessionState, SessionStats, SessionTable
 from pccpu.service.turns import ends_user_turn, with_generation_prompt
 from pccpu.store import ModuleStore
 from pccpu.store.module_store import StoreStats, default_ram_budget
-
-if TYPE_CHECKING:
-    from pccpu.service.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +85,7 @@ class PromptCache:
         reuse_previous: bool = True,
         session_budget: int | None = None,
         min_chunk_tokens: int = DEFAULT_MIN_CHUNK_TOKENS,
+        auto_sessions: int = 16,
         runtime: Runtime | None = None,
     ) -> None:
         """``model``: a registry name or a .gguf path (default: $PCCPU_MODEL or the registry's default).
@@ -145,6 +144,7 @@ class PromptCache:
         self._chat_path = ChatPath(runtime, self._store, request_seq=REQUEST_SEQ, save_seq=SAVE_SEQ,
                                    expect=self._encoder.expect, keep_seqs=lambda: residents.seq_ids)
         self._min_chunk_tokens = min_chunk_tokens
+        self._auto_sessions = auto_sessions
         self._schemas = SchemaRegistry()
         filler = runtime.model.tokenize(" ")  # fills parameter slots beyond their scaffold when encoding
         self._filler = filler[0] if filler else 0
@@ -283,22 +283,30 @@ class PromptCache:
 
     def session(self, name: str | None = None) -> Session:
         """A new conversation: its requests reuse the cells its previous request left (see ``sessions.py``)."""
-        from pccpu.service.session import Session
-
         return Session(self, self._sessions.open(name))
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], *, cache: bool = True, session: Session | None = None,
-             options: GenerationOptions | None = None, **kwargs: Unpack[GenerationKwargs]) -> Answer:
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, cache: bool = True,
+             session: Session | Literal["auto"] | None = None, options: GenerationOptions | None = None,
+             **kwargs: Unpack[GenerationKwargs]) -> Answer:
         """Answer an OpenAI-style conversation (``[{"role": "user", "content": "..."}, ...]``) without a schema:
         each message, and each text part of a message's content, is a module stored the first time it is computed
         and restored after the same conversation prefix anywhere, across sessions and restarts (``chat.py``).
-        ``add_generation_prompt`` (default on) opens the assistant's turn after the last message."""
+        ``add_generation_prompt`` (default on) opens the assistant's turn after the last message.
+        ``session="auto"``: the conversation is found by content, for clients that name none: the automatic
+        session whose last prompt this one continues, else a new one (at most ``auto_sessions`` of them)."""
         opts = GenerationOptions.from_kwargs(kwargs, options)
-        state = self._default_session if session is None else session._state_for(self)
-        self._sessions.check(state)
+        state: SessionState | None = None
+        if session is None:
+            state = self._default_session
+        elif session != "auto":
+            if not isinstance(session, Session):
+                raise OptionError(f"session must be a Session, 'auto' or None, got {session!r}")
+            state = session._state_for(self)
+        if state is not None:
+            self._sessions.check(state)
         return Answer(lambda done: self._run_chat(messages, state, cache, opts, done))
 
-    def _run_chat(self, messages: Sequence[Mapping[str, Any]], state: SessionState, cache: bool,
+    def _run_chat(self, messages: Sequence[Mapping[str, Any]], state: SessionState | None, cache: bool,
                   opts: GenerationOptions, done: Callable[[Result], None]) -> Iterator[str]:
         with self._exclusive():
             started = time.perf_counter()
@@ -306,6 +314,8 @@ class PromptCache:
                                   add_generation_prompt=opts.add_generation_prompt is not False,
                                   min_chunk_tokens=self._min_chunk_tokens)
             tokens = [t for chunk in chunks for t in chunk.tokens]
+            if state is None:
+                state = self._sessions.continuation(chunk_trace(chunks), limit=self._auto_sessions)
             clock = {"plan_ms": (time.perf_counter() - started) * 1000, "switch_ms": self._sessions.activate(state)}
             state.requests += 1
             try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from pccpu.engine.protocols import Context
 from pccpu.errors import EngineError, SessionError
-from pccpu.service.reuse import CellTrace
+from pccpu.service.reuse import CellTrace, common_prefix
 from pccpu.store import Lru
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class SessionState:
     id: int
     name: str
     kept: CellTrace | None = None  # what its cells hold: in the request sequence when active, parked otherwise
+    prompt_cells: int = 0  # of those, the last request's prompt (the rest is its answer)
+    automatic: bool = False  # opened by ``continuation`` (a conversation found by content)
     closed: bool = False
     requests: int = 0
 
@@ -62,6 +65,7 @@ class SessionTable:
         self._keep_seqs = keep_seqs  # sequences a restore must not clear (resident runs), asked each time
         self._parked: Lru[int, np.ndarray] = Lru(budget_bytes)
         self._states: dict[int, SessionState] = {}
+        self._automatic: OrderedDict[int, SessionState] = OrderedDict()  # least recently used first
         self._next_id = 0
         self._switches = 0
         self._switch_ms = 0.0
@@ -72,6 +76,27 @@ class SessionTable:
         self._next_id += 1
         self._states[state.id] = state
         return state
+
+    def continuation(self, trace: CellTrace, *, limit: int) -> SessionState:
+        """The automatic session whose last prompt this request continues (the same cells up to that prompt's end:
+        the next turn of its conversation, or the same prompt again), else a new automatic session; beyond
+        ``limit`` automatic sessions the least recently used is closed. For clients that name no conversation."""
+        best: SessionState | None = None
+        for state in self._automatic.values():
+            if state.kept is None or not state.prompt_cells:
+                continue
+            if common_prefix(state.kept, trace) >= min(state.prompt_cells, len(trace) - 1) and \
+                    (best is None or state.prompt_cells > best.prompt_cells):
+                best = state
+        if best is None:
+            best = self.open(f"auto-{self._next_id}")
+            best.automatic = True
+            self._automatic[best.id] = best
+            while len(self._automatic) > limit:
+                oldest = next(iter(self._automatic.values()))
+                self.close(oldest)
+        self._automatic.move_to_end(best.id)
+        return best
 
     def check(self, state: SessionState) -> None:
         if state.closed or self._states.get(state.id) is not state:
@@ -133,6 +158,7 @@ class SessionTable:
         state.closed = True
         state.kept = None
         self._states.pop(state.id, None)
+        self._automatic.pop(state.id, None)
 
     def stats(self) -> SessionStats:
         return SessionStats(sessions=len(self._states), parked=len(self._parked), parked_bytes=self._parked.used,
