@@ -276,3 +276,20 @@ def test_conversations_without_a_key_are_found_by_content(served: RunningServer)
         pccpu = (reply.model_extra or {})["timings"]["pccpu"]
         assert pccpu["session_tokens"] >= first.usage.prompt_tokens  # its own first turn was held
         assert pccpu["stored_tokens"] == 0
+
+
+def test_text_completions(served: RunningServer) -> None:
+    client = served.client()
+    first = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0)
+    assert first.object == "text_completion" and first.choices[0].finish_reason in ("length", "stop")
+    text = first.choices[0].text
+    streamed = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == text
+    longer = client.completions.create(model=MODEL, prompt="Once upon a time" + text + " there", max_tokens=2,
+                                       temperature=0)
+    assert longer.usage is not None and longer.usage.prompt_tokens_details is not None
+    assert longer.usage.prompt_tokens_details.cached_tokens > 10  # the first prompt's cells, found by content
+    for bad in ({"prompt": ["a", "b"]}, {"prompt": "a", "echo": True}, {"prompt": ""}):
+        reply = httpx.post(f"{served.url}/v1/completions", json=bad, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] in ("prompt", "echo")

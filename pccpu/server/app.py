@@ -1,9 +1,10 @@
 """``pccpu serve``: an OpenAI-compatible HTTP server on one PromptCache.
 
 Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events ending with ``data: [DONE]``, or not),
-``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text). Every message of a chat is a stored module
-(``PromptCache.chat``): a conversation continued in its next request reuses its cells, and any conversation that
-starts the same way, before or after a restart, restores what was computed once.
+``POST /v1/completions`` (a raw text prompt), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus
+text). Every message of a chat is a stored module (``PromptCache.chat``): a conversation continued in its next
+request reuses its cells, and any conversation that starts the same way, before or after a restart, restores what
+was computed once.
 
 Starlette and uvicorn, not FastAPI: the request bodies are checked by hand (``openai_api.py``) so that every error
 names its parameter in OpenAI's shape, which leaves FastAPI's validation layer nothing to do. Conversations are
@@ -39,6 +40,9 @@ from pccpu.server.openai_api import (
     error_body,
     finish_reason,
     parse_chat_request,
+    parse_completion_request,
+    text_chunk,
+    text_completion,
 )
 from pccpu.server.worker import END, Job, QueueFullError, Worker
 from pccpu.service import PromptCache, Result, Session
@@ -108,6 +112,8 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
     def job_for(parsed: ChatRequest) -> Job:
         def start(pc: PromptCache) -> Any:
             session = conversations.get(pc, parsed.conversation)
+            if isinstance(parsed.messages, str):
+                return pc.complete(parsed.messages, session=session, options=parsed.options)
             return pc.chat(parsed.messages, session=session, options=parsed.options)
 
         return Job(start)
@@ -115,10 +121,11 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
     async def next_item(job: Job) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, job.output.get)
 
-    async def chat_completions(request: Request) -> Response:
+    async def answer(request: Request, text: bool) -> Response:
+        """``/v1/chat/completions`` (``text=False``) and ``/v1/completions`` (``text=True``)."""
         try:
-            parsed = parse_chat_request(await checked_body(request), settings.model_id,
-                                        max_new_tokens=settings.max_new_tokens)
+            parse = parse_completion_request if text else parse_chat_request
+            parsed = parse(await checked_body(request), settings.model_id, max_new_tokens=settings.max_new_tokens)
             job = job_for(parsed)
             worker.submit(job)
         except RequestError as exc:
@@ -130,7 +137,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         metrics.requests += 1
         ident = completion_id()
         if parsed.stream:
-            return StreamingResponse(stream(job, ident, parsed.include_usage), media_type="text/event-stream")
+            return StreamingResponse(stream(job, ident, parsed.include_usage, text), media_type="text/event-stream")
         try:
             result = await asyncio.wait_for(collect(job), timeout=settings.request_timeout_s)
         except asyncio.TimeoutError:
@@ -139,7 +146,14 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         except RequestError as exc:
             return refuse(exc)
         metrics.record(result)
-        return JSONResponse(chat_completion(result, settings.model_id, ident))
+        build = text_completion if text else chat_completion
+        return JSONResponse(build(result, settings.model_id, ident))
+
+    async def chat_completions(request: Request) -> Response:
+        return await answer(request, text=False)
+
+    async def completions(request: Request) -> Response:
+        return await answer(request, text=True)
 
     async def collect(job: Job) -> Result:
         try:
@@ -153,20 +167,28 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         finally:
             job.cancelled.set()  # a no-op once it finished; stops it if this coroutine was cancelled
 
-    async def stream(job: Job, ident: str, include_usage: bool) -> AsyncIterator[str]:
+    def event(ident: str, text: bool, piece: str | None = None, finish: str | None = None,
+              result: Result | None = None) -> str:
+        if text:
+            return sse(text_chunk(settings.model_id, ident, piece or "", finish, result))
+        delta = {} if piece is None else {"content": piece}
+        return sse(chunk(settings.model_id, ident, delta, finish, result))
+
+    async def stream(job: Job, ident: str, include_usage: bool, text: bool) -> AsyncIterator[str]:
         try:
-            yield sse(chunk(settings.model_id, ident, {"role": "assistant", "content": ""}))
+            if not text:
+                yield sse(chunk(settings.model_id, ident, {"role": "assistant", "content": ""}))
             while True:
                 item = await next_item(job)
                 if item is END:
                     break
                 if isinstance(item, str):
-                    yield sse(chunk(settings.model_id, ident, {"content": item}))
+                    yield event(ident, text, item)
                 elif isinstance(item, Result):
                     metrics.record(item)
-                    yield sse(chunk(settings.model_id, ident, {}, finish_reason(item)))
+                    yield event(ident, text, finish=finish_reason(item))
                     if include_usage:
-                        yield sse(chunk(settings.model_id, ident, {}, result=item))
+                        yield event(ident, text, result=item)
                 else:  # an error after the response started: OpenAI's clients read an error event
                     error = as_request_error(item)
                     metrics.errors += 1
@@ -193,6 +215,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
 
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),

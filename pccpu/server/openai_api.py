@@ -7,6 +7,7 @@ tools), or unknown (also a 400): none is silently ignored.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections.abc import Mapping
@@ -47,14 +48,40 @@ def error_body(message: str, *, kind: str = "invalid_request_error", param: str 
 
 @dataclass(frozen=True)
 class ChatRequest:
-    messages: list[dict[str, Any]]
+    messages: list[dict[str, Any]] | str  # a chat, or a raw text prompt (/v1/completions)
     options: GenerationOptions
     stream: bool
     include_usage: bool
     conversation: str | None  # prompt_cache_key, else user: which session it continues
 
 
+# /v1/completions: a prompt string instead of messages, and its own neutral parameters
+COMPLETION_NEUTRAL: dict[str, tuple[Any, ...]] = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
+
+
+def parse_completion_request(body: Any, model_id: str, *, max_new_tokens: int) -> ChatRequest:
+    """A ``/v1/completions`` body: ``prompt`` is one string (arrays of prompts or token ids are refused)."""
+    if not isinstance(body, Mapping):
+        raise RequestError("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise RequestError("prompt must be a non-empty string (lists of prompts and token ids are not supported)",
+                           param="prompt")
+    chat_like = {k: v for k, v in body.items() if k != "prompt" and k not in COMPLETION_NEUTRAL}
+    for name, neutral in COMPLETION_NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise RequestError(f"{name} is not supported by pccpu; leave it out", param=name)
+    # OpenAI's default answer length for completions is 16 tokens
+    parsed = _parse(dict(chat_like, messages=[]), model_id, max_new_tokens=16 if "max_tokens" not in body else
+                    max_new_tokens, messages_required=False)
+    return dataclasses.replace(parsed, messages=prompt)
+
+
 def parse_chat_request(body: Any, model_id: str, *, max_new_tokens: int) -> ChatRequest:
+    return _parse(body, model_id, max_new_tokens=max_new_tokens, messages_required=True)
+
+
+def _parse(body: Any, model_id: str, *, max_new_tokens: int, messages_required: bool) -> ChatRequest:
     if not isinstance(body, Mapping):
         raise RequestError("the request body must be a JSON object")
     unknown = sorted(set(body) - DESCRIPTIVE - SAMPLING - set(NEUTRAL))
@@ -69,7 +96,7 @@ def parse_chat_request(body: Any, model_id: str, *, max_new_tokens: int) -> Chat
         raise RequestError(f"the model {model!r} does not exist here; this server serves {model_id!r}",
                            status=404, param="model", code="model_not_found")
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list) or (messages_required and not messages):
         raise RequestError("messages must be a non-empty list of {role, content} objects", param="messages")
     if body.get("n", 1) != 1:
         raise RequestError("n must be 1: pccpu answers one choice per request", param="n")
@@ -155,6 +182,23 @@ def chat_completion(result: Result, model_id: str, ident: str) -> dict[str, Any]
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
                          "finish_reason": finish_reason(result), "logprobs": None}],
             "usage": usage(result), "timings": timings(result)}
+
+
+def text_completion(result: Result, model_id: str, ident: str) -> dict[str, Any]:
+    return {"id": ident, "object": "text_completion", "created": int(time.time()), "model": model_id,
+            "choices": [{"index": 0, "text": result.text, "finish_reason": finish_reason(result), "logprobs": None}],
+            "usage": usage(result), "timings": timings(result)}
+
+
+def text_chunk(model_id: str, ident: str, text: str, finish: str | None = None,
+               result: Result | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": ident, "object": "text_completion", "created": int(time.time()), "model": model_id,
+                            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    if result is not None:
+        body["choices"] = []
+        body["usage"] = usage(result)
+        body["timings"] = timings(result)
+    return body
 
 
 def chunk(model_id: str, ident: str, delta: dict[str, Any], finish: str | None = None,

@@ -141,6 +141,17 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
     return [c for c in chunks if c.tokens]
 
 
+def text_chunks(text: str, runtime: Runtime, *, n_ctx: int) -> list[ChatChunk]:
+    """A raw text prompt (``/v1/completions``): BOS and the text's tokens, decoded (a session still keeps them)."""
+    if not isinstance(text, str) or not text:
+        raise OptionError("prompt must be a non-empty string")
+    tokens = (*runtime.bos_tokens, *runtime.model.tokenize(text))
+    if len(tokens) > n_ctx - 1:
+        raise LayoutOverflowError(f"the prompt is {len(tokens)} tokens, more than the context of n_ctx={n_ctx} "
+                                  "leaves room for")
+    return [ChatChunk("prompt", tokens, 0, None)]
+
+
 def chunk_trace(chunks: Sequence[ChatChunk]) -> CellTrace:
     """Every cell as a decoded token: in exact-prefix mode a restored chunk holds the KV its tokens give after the
     same prefix, so a session's cells compare by token and position alone."""

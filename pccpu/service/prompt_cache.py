@@ -28,7 +28,7 @@ from pccpu.errors import BusyError, ConfigError, OptionError
 from pccpu.pml import SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
 from pccpu.service.answer import Answer
 from pccpu.service.answering import FIRST_SCRATCH_SEQ, REQUEST_SEQ, SAVE_SEQ, WORK_SEQ, PromptFacts, RequestPath
-from pccpu.service.chat import DEFAULT_MIN_CHUNK_TOKENS, ChatPath, build_chunks, chunk_trace
+from pccpu.service.chat import DEFAULT_MIN_CHUNK_TOKENS, ChatChunk, ChatPath, build_chunks, chunk_trace, text_chunks
 from pccpu.service.encoder import EncodeStats, ModuleEncoder, ProgressCallback
 from pccpu.service.options import GenerationKwargs, GenerationOptions
 from pccpu.service.passes import ContextMode, cached_modules, check_mode, plan_passes
@@ -295,24 +295,41 @@ class PromptCache:
         ``session="auto"``: the conversation is found by content, for clients that name none: the automatic
         session whose last prompt this one continues, else a new one (at most ``auto_sessions`` of them)."""
         opts = GenerationOptions.from_kwargs(kwargs, options)
-        state: SessionState | None = None
-        if session is None:
-            state = self._default_session
-        elif session != "auto":
-            if not isinstance(session, Session):
-                raise OptionError(f"session must be a Session, 'auto' or None, got {session!r}")
-            state = session._state_for(self)
-        if state is not None:
-            self._sessions.check(state)
-        return Answer(lambda done: self._run_chat(messages, state, cache, opts, done))
+        state = self._chat_session(session)
 
-    def _run_chat(self, messages: Sequence[Mapping[str, Any]], state: SessionState | None, cache: bool,
+        def chunks() -> list[ChatChunk]:
+            return build_chunks(messages, self._runtime, seed=self._encoder.seed, n_ctx=self.n_ctx,
+                                add_generation_prompt=opts.add_generation_prompt is not False,
+                                min_chunk_tokens=self._min_chunk_tokens)
+
+        return Answer(lambda done: self._run_chat(chunks, state, cache, opts, done))
+
+    def complete(self, prompt: str, *, cache: bool = True, session: Session | Literal["auto"] | None = None,
+                 options: GenerationOptions | None = None, **kwargs: Unpack[GenerationKwargs]) -> Answer:
+        """Continue a raw text (no chat template, no schema): what ``/v1/completions`` serves. Nothing is stored;
+        the session keeps the cells for a next prompt that extends this one."""
+        opts = GenerationOptions.from_kwargs(kwargs, options)
+        state = self._chat_session(session)
+        return Answer(lambda done: self._run_chat(lambda: text_chunks(prompt, self._runtime, n_ctx=self.n_ctx),
+                                                  state, cache, opts, done))
+
+    def _chat_session(self, session: Session | Literal["auto"] | None) -> SessionState | None:
+        """The session a chat runs in: the default one, a given one, or None for one found by content."""
+        if session == "auto":
+            return None
+        if session is None:
+            return self._default_session
+        if not isinstance(session, Session):
+            raise OptionError(f"session must be a Session, 'auto' or None, got {session!r}")
+        state = session._state_for(self)
+        self._sessions.check(state)
+        return state
+
+    def _run_chat(self, make_chunks: Callable[[], list[ChatChunk]], state: SessionState | None, cache: bool,
                   opts: GenerationOptions, done: Callable[[Result], None]) -> Iterator[str]:
         with self._exclusive():
             started = time.perf_counter()
-            chunks = build_chunks(messages, self._runtime, seed=self._encoder.seed, n_ctx=self.n_ctx,
-                                  add_generation_prompt=opts.add_generation_prompt is not False,
-                                  min_chunk_tokens=self._min_chunk_tokens)
+            chunks = make_chunks()
             tokens = [t for chunk in chunks for t in chunk.tokens]
             if state is None:
                 state = self._sessions.continuation(chunk_trace(chunks), limit=self._auto_sessions)
