@@ -14,8 +14,8 @@ PUBLIC = [
 ]
 
 PROMPT_CACHE_METHODS = [
-    "add_schema", "ask", "ask_parts", "chat", "complete", "clear_residents", "clear_store", "close", "detokenize", "encode",
-    "kv_bytes_per_token", "model_info", "model_path", "n_ctx", "pin", "plan", "schemas", "session", "stats",
+    "add_schema", "ask", "ask_parts", "chat", "complete", "clear_residents", "clear_store", "close", "detokenize",
+    "encode", "kv_bytes_per_token", "model_info", "model_path", "n_ctx", "pin", "plan", "schemas", "session", "stats",
     "tokenize", "warm_up", "mode",
 ]
 
