@@ -293,3 +293,47 @@ def test_text_completions(served: RunningServer) -> None:
     for bad in ({"prompt": ["a", "b"]}, {"prompt": "a", "echo": True}, {"prompt": ""}):
         reply = httpx.post(f"{served.url}/v1/completions", json=bad, timeout=30)
         assert reply.status_code == 400 and reply.json()["error"]["param"] in ("prompt", "echo")
+
+
+# -- PML over HTTP -------------------------------------------------------------------------------------------------
+PML_SCHEMA = """<schema name="docs"><system>Answer from the notes.</system><user>
+<module name="a">Alpha: the bakery opens at six.</module>
+<module name="b">Beta: the station closes at ten.</module></schema>"""
+
+
+def test_pml_schemas_prompts_and_the_store(served: RunningServer) -> None:
+    url = served.url
+    added = httpx.post(f"{url}/v1/pml/schemas", json={"schema": PML_SCHEMA}, timeout=60).json()
+    assert added["name"] == "docs" and added["modules"] == ["(root)", "a", "b"]
+    assert httpx.get(f"{url}/v1/pml/schemas").json()["schemas"][0]["name"] == "docs"
+    prompt = '<prompt schema="docs"><b/>When does it close?</user></prompt>'
+    reply = httpx.post(f"{url}/v1/pml/ask", json={"prompt": prompt, "max_tokens": 3, "temperature": 0},
+                       timeout=60).json()
+    assert reply["object"] == "chat.completion" and reply["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert reply["timings"]["pccpu"]["exact"] is False  # composed from a schema's modules
+    assert {m["module"] for m in reply["timings"]["pccpu"]["modules"]} == {"", "b"}
+    parts = httpx.post(f"{url}/v1/pml/ask", timeout=60,
+                       json={"schema": "docs", "modules": {"b": None}, "question": "<b/> When?</user>",
+                             "max_tokens": 2, "temperature": 0, "stream": True})
+    assert parts.text.rstrip().endswith("data: [DONE]")  # the question's markup stayed text
+    stats = httpx.get(f"{url}/v1/pml/store").json()
+    assert stats["store"]["ram_entries"] == 3
+    assert httpx.delete(f"{url}/v1/pml/store").json()["removed"] >= 3
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"schema": "/etc/passwd"}, "files are not read over HTTP"),
+    ({"schema": '<schema name="x"><module name="m" src="/etc/passwd"/></schema>'}, "src="),
+    ({"schema": "<schema"}, ""),
+])
+def test_pml_over_http_reads_no_files_and_refuses_bad_schemas(served: RunningServer, body: dict[str, Any],
+                                                               message: str) -> None:
+    reply = httpx.post(f"{served.url}/v1/pml/schemas", json=body, timeout=30)
+    assert reply.status_code == 400 and message in reply.json()["error"]["message"]
+
+
+def test_pml_ask_errors(served: RunningServer) -> None:
+    for body in ({"prompt": '<prompt schema="nope"><user>hi</user></prompt>'}, {},
+                 {"prompt": "<prompt", "schema": "docs"}):
+        reply = httpx.post(f"{served.url}/v1/pml/ask", json=body, timeout=30)
+        assert reply.status_code == 400 and reply.json()["error"]["message"]

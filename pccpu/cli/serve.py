@@ -24,9 +24,11 @@ logger = logging.getLogger(__name__)
               help="Requests waiting beyond this get 429 with Retry-After.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 1 << 16), default=512, show_default=True,
               help="Answer length when a request gives no max_tokens.")
+@click.option("--pml-root", type=click.Path(file_okay=False, exists=True), default=None,
+              help="The one folder that schemas sent over HTTP may read src= files from (default: none).")
 @cache_options
 def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int, max_new_tokens: int,
-          **opts: Any) -> None:
+          pml_root: str | None, **opts: Any) -> None:
     """Serve /v1/chat/completions, /v1/models, /health and /metrics over HTTP."""
     import uvicorn
 
@@ -37,7 +39,8 @@ def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_q
                    f"{'' if api_key else ' (no --api-key set)'}", err=True)
     cache = open_prompt_cache(**opts)
     name = model_id or cache.model_path.stem
-    settings = ServerSettings(model_id=name, api_key=api_key, max_queue=max_queue, max_new_tokens=max_new_tokens)
+    settings = ServerSettings(model_id=name, api_key=api_key, max_queue=max_queue, max_new_tokens=max_new_tokens,
+                              pml_root=pml_root)
     app = create_app(cache, settings)
     click.echo(f"serving {name} on http://{host}:{port}/v1", err=True)
     try:

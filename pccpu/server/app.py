@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -59,6 +60,7 @@ class ServerSettings:
     max_new_tokens: int = 512  # when a request gives no max_tokens
     max_conversations: int = 64  # sessions kept by key; the least recently used is closed beyond this
     request_timeout_s: float = 600.0
+    pml_root: str | None = None  # the only folder PML schemas sent over HTTP may read src= files from
 
 
 class Conversations:
@@ -71,6 +73,9 @@ class Conversations:
     def get(self, cache: PromptCache, key: str | None) -> Session | Literal["auto"]:
         if key is None:
             return "auto"  # found by content: the conversation this request continues, else a new one
+        return self.keyed(cache, key)
+
+    def keyed(self, cache: PromptCache, key: str) -> Session:
         session = self._sessions.get(key)
         if session is None:
             session = cache.session(key)
@@ -91,13 +96,16 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         metrics.errors += 1
         return JSONResponse(exc.body(), status_code=exc.status)
 
-    async def checked_body(request: Request) -> Any:
+    def authorize(request: Request) -> None:
         if settings.api_key is not None:
             given = request.headers.get("authorization", "")
             expected = f"Bearer {settings.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
                 raise RequestError("a valid API key is needed: send 'Authorization: Bearer KEY'", status=401,
                                    kind="authentication_error", code="invalid_api_key")
+
+    async def checked_body(request: Request) -> Any:
+        authorize(request)
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
             raise RequestError(f"the body is larger than {settings.max_body_bytes} bytes", status=413)
@@ -197,7 +205,102 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         finally:
             job.cancelled.set()  # the client went away: the worker stops within one token
 
+    # -- PML over HTTP -------------------------------------------------------------------------------------------
+    async def run_plain(start: Any) -> Any:
+        """Run ``start(cache)`` on the worker and return its value (or raise its error as a RequestError)."""
+        job = Job(start)
+        worker.submit(job)
+        value = await next_item(job)
+        await next_item(job)  # END
+        if isinstance(value, BaseException):
+            raise as_request_error(value)
+        return value
+
+    async def pml_add_schema(request: Request) -> Response:
+        try:
+            body = await checked_body(request)
+            text = body.get("schema") if isinstance(body, dict) else None
+            if not isinstance(text, str) or not text.lstrip().startswith("<"):
+                raise RequestError("schema must be PML text starting with <schema (files are not read over HTTP)",
+                                   param="schema")
+            roots = [settings.pml_root] if settings.pml_root else []
+            layout = await run_plain(lambda pc: pc.add_schema(text, allowed_roots=roots))
+        except RequestError as exc:
+            return refuse(exc)
+        except QueueFullError as exc:
+            return refuse(RequestError(str(exc), status=429, kind="rate_limit_error"))
+        return JSONResponse({"name": layout.name, "modules": [p or "(root)" for p in layout.modules],
+                             "span": layout.span})
+
+    async def pml_list_schemas(request: Request) -> Response:
+        try:
+            authorize(request)
+            layouts = await run_plain(lambda pc: pc.schemas)
+        except RequestError as exc:
+            return refuse(exc)
+        return JSONResponse({"schemas": [{"name": name, "modules": [p or "(root)" for p in layout.modules]}
+                                         for name, layout in layouts.items()]})
+
+    async def pml_ask(request: Request) -> Response:
+        """A PML prompt (``prompt``) or the escaped parts form (``schema``, ``modules``, ``question``), with the
+        chat-completions parameters; the answer in chat-completion shape."""
+        try:
+            body = await checked_body(request)
+            if not isinstance(body, dict):
+                raise RequestError("the request body must be a JSON object")
+            prompt = body.pop("prompt", None)
+            parts = {k: body.pop(k) for k in ("schema", "modules", "question") if k in body}
+            if (prompt is None) == (not parts):
+                raise RequestError("give either prompt (PML text) or schema with modules and question",
+                                   param="prompt")
+            if prompt is not None and not isinstance(prompt, str):
+                raise RequestError("prompt must be PML text", param="prompt")
+            parsed = parse_chat_request(dict(body, messages=[{"role": "user", "content": "-"}]), settings.model_id,
+                                        max_new_tokens=settings.max_new_tokens)
+
+            def start(pc: PromptCache) -> Any:
+                session = conversations.keyed(pc, parsed.conversation or "pml")
+                if prompt is not None:
+                    return pc.ask(prompt, session=session, options=parsed.options)
+                return pc.ask_parts(str(parts.get("schema")), parts.get("modules") or {}, parts.get("question"),
+                                    session=session, options=parsed.options)
+
+            job = Job(start)
+            worker.submit(job)
+        except RequestError as exc:
+            return refuse(exc)
+        except QueueFullError as exc:
+            return refuse(RequestError(str(exc), status=429, kind="rate_limit_error"))
+        metrics.requests += 1
+        ident = completion_id()
+        if parsed.stream:
+            return StreamingResponse(stream(job, ident, parsed.include_usage, False), media_type="text/event-stream")
+        try:
+            result = await asyncio.wait_for(collect(job), timeout=settings.request_timeout_s)
+        except RequestError as exc:
+            return refuse(exc)
+        metrics.record(result)
+        reply = chat_completion(result, settings.model_id, ident)
+        reply["timings"]["pccpu"]["exact"] = False  # modules composed from a schema: close to full prefill, not equal
+        reply["timings"]["pccpu"]["warnings"] = list(result.warnings)
+        return JSONResponse(reply)
+
+    async def pml_store(request: Request) -> Response:
+        try:
+            authorize(request)
+            if request.method == "DELETE":
+                removed = await run_plain(lambda pc: pc.clear_store())
+                return JSONResponse({"removed": removed})
+            stats = await run_plain(lambda pc: pc.stats())
+        except RequestError as exc:
+            return refuse(exc)
+        return JSONResponse({"store": stats.store.to_dict(), "sessions": dataclasses.asdict(stats.sessions)})
+
     async def models(request: Request) -> Response:
+        try:
+            authorize(request)
+        except RequestError as exc:
+            return refuse(exc)
         return JSONResponse({"object": "list", "data": [{"id": settings.model_id, "object": "model",
                                                          "created": 0, "owned_by": "pccpu"}]})
 
@@ -217,6 +320,10 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/pml/schemas", pml_add_schema, methods=["POST"]),
+        Route("/v1/pml/schemas", pml_list_schemas, methods=["GET"]),
+        Route("/v1/pml/ask", pml_ask, methods=["POST"]),
+        Route("/v1/pml/store", pml_store, methods=["GET", "DELETE"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ], lifespan=lifespan)

@@ -31,10 +31,11 @@ class QueueFullError(PccpuError):
 
 @dataclass
 class Job:
-    """One request: ``start`` makes its Answer on the worker thread; pieces, then a Result or an exception, then END
-    arrive on ``output``."""
+    """One request: ``start`` runs on the worker thread. When it returns an Answer, its pieces, then its Result (or
+    an exception), then END arrive on ``output``; any other value (a schema added, store statistics) arrives alone,
+    then END."""
 
-    start: Callable[[PromptCache], Answer]
+    start: Callable[[PromptCache], Any]
     output: queue.Queue[Any] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
@@ -74,6 +75,10 @@ class Worker:
     def _run(self, job: Job) -> None:
         try:
             answer = job.start(self.cache)
+            if not isinstance(answer, Answer):
+                job.output.put(answer)
+                job.output.put(END)
+                return
             for piece in answer:
                 if job.cancelled.is_set():
                     answer.close()

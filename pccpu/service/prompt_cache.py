@@ -212,11 +212,13 @@ class PromptCache:
     def schemas(self) -> dict[str, SchemaLayout]:
         return self._schemas.layouts()
 
-    def add_schema(self, schema: str | Path, *, encode: bool = True,
-                   progress: ProgressCallback | None = None) -> SchemaLayout:
-        """Parse and lay out a schema (a path or PML text); encode its modules unless stored already."""
+    def add_schema(self, schema: str | Path, *, encode: bool = True, progress: ProgressCallback | None = None,
+                   allowed_roots: Sequence[str | Path] = ()) -> SchemaLayout:
+        """Parse and lay out a schema (a path or PML text); encode its modules unless stored already.
+        ``allowed_roots``: folders that ``src=`` may read below, besides a schema file's own folder (PML text has
+        none: its ``src=`` is refused without them)."""
         with self._exclusive():
-            parsed = parse_schema(schema)
+            parsed = parse_schema(schema, allowed_roots=allowed_roots)
             rt = self._runtime
             layout = build_layout(parsed, rt.model, rt.roles, bos_tokens=rt.bos_tokens, n_ctx=self.n_ctx)
             record = SchemaRecord.build(layout, plan_passes(layout, self.mode, self._filler), self._encoder.key)
