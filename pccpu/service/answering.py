@@ -47,6 +47,8 @@ class Prefill(NamedTuple):
     session_tokens: int = 0
     cached_tokens: int = 0
     uses: tuple[ModuleUse, ...] = ()
+    # work that needs the prompt's cells but not before the first token (storing chat chunks): run after the answer
+    after_answer: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,8 @@ class RequestPath:
             raise
         finally:
             pieces.close()
+            if clean and prefill.after_answer is not None:
+                prefill.after_answer()
             if clean and prefill.trace is not None and self.reuse_previous:
                 # the generated tokens decoded into the request follow the prompt's cells
                 answered = max(context.seq_pos_max(REQUEST_SEQ) + 1 - prefill.next_position, 0)

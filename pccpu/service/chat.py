@@ -223,18 +223,18 @@ class ChatPath:
         clock["decode_ms"] = (time.perf_counter() - begun) * 1000
         if logits is None:
             raise ConfigError("llama.cpp returned no logits after the conversation")
-        if missing_from is not None:
-            uses += self._store_decoded(chunks[missing_from:])
+        decoded = chunks[missing_from:] if missing_from is not None else []
+        uses += [ModuleUse(c.label, "encoded" if c.key is not None else "uncached", len(c.tokens)) for c in decoded]
+        # storing copies every decoded chunk out of the KV cache: after the answer, so the first token does not wait
         return Prefill(logits, trace.positions.size, trace if reuse else None, session_tokens=held,
-                       cached_tokens=restored, uses=tuple(uses))
+                       cached_tokens=restored, uses=tuple(uses),
+                       after_answer=(lambda: self._store_decoded(decoded)) if decoded else None)
 
-    def _store_decoded(self, chunks: Sequence[ChatChunk]) -> list[ModuleUse]:
+    def _store_decoded(self, chunks: Sequence[ChatChunk]) -> None:
         """Copy the chunks just decoded out of the request sequence into the store (a memory copy each)."""
         context = self._runtime.context
-        uses = []
         for chunk in chunks:
             if chunk.key is None:
-                uses.append(ModuleUse(chunk.label, "uncached", len(chunk.tokens)))
                 continue
             context.seq_cp(self._request_seq, self._save_seq, chunk.start, chunk.end)
             state = context.state_seq_get(self._save_seq)
@@ -243,5 +243,3 @@ class ChatPath:
                              run_bytes=(state.nbytes,), model=self._expect["model"], state=self._expect["state"],
                              model_file=self._runtime.model.path.name, created=time.time())
             self._store.save(StoredModule(chunk.key, state, meta))
-            uses.append(ModuleUse(chunk.label, "encoded", len(chunk.tokens), state.nbytes))
-        return uses
