@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
@@ -182,12 +183,13 @@ def test_a_full_queue_is_refused(fake_cache: FakeCacheFactory) -> None:
         return cache.chat([{"role": "user", "content": "hi"}], max_tokens=1)
 
     worker = Worker(fake_cache(), max_queue=1)
+    items: queue.Queue[Any] = queue.Queue()
     try:
-        worker.submit(Job(blocked))  # taken by the worker, which waits
+        worker.submit(Job(blocked, items.put))  # taken by the worker, which waits
         time.sleep(0.2)
-        worker.submit(Job(blocked))  # waits in the queue
+        worker.submit(Job(blocked, items.put))  # waits in the queue
         with pytest.raises(QueueFullError, match="1 requests are waiting"):
-            worker.submit(Job(blocked))
+            worker.submit(Job(blocked, items.put))
     finally:
         release.set()
         worker.stop()

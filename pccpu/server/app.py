@@ -21,7 +21,7 @@ import hmac
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -89,6 +89,7 @@ class Conversations:
 
 def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
     worker = Worker(cache, max_queue=settings.max_queue)
+    queues: dict[int, asyncio.Queue[Any]] = {}  # job id -> where its items arrive
     conversations = Conversations(settings.max_conversations)
     metrics = Metrics()
 
@@ -117,6 +118,20 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         except ValueError as exc:
             raise RequestError(f"the body is not valid JSON: {exc}") from None
 
+    def new_job(start: Callable[[PromptCache], Any]) -> Job:
+        """A job whose items arrive in an asyncio queue of this event loop."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[Any] = asyncio.Queue()
+        job = Job(start, lambda item: loop.call_soon_threadsafe(items.put_nowait, item))
+        queues[id(job)] = items
+        return job
+
+    async def next_item(job: Job) -> Any:
+        item = await queues[id(job)].get()
+        if item is END:
+            queues.pop(id(job), None)
+        return item
+
     def job_for(parsed: ChatRequest) -> Job:
         def start(pc: PromptCache) -> Any:
             session = conversations.get(pc, parsed.conversation)
@@ -124,10 +139,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
                 return pc.complete(parsed.messages, session=session, options=parsed.options)
             return pc.chat(parsed.messages, session=session, options=parsed.options)
 
-        return Job(start)
-
-    async def next_item(job: Job) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, job.output.get)
+        return new_job(start)
 
     async def answer(request: Request, text: bool) -> Response:
         """``/v1/chat/completions`` (``text=False``) and ``/v1/completions`` (``text=True``)."""
@@ -208,7 +220,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
     # -- PML over HTTP -------------------------------------------------------------------------------------------
     async def run_plain(start: Any) -> Any:
         """Run ``start(cache)`` on the worker and return its value (or raise its error as a RequestError)."""
-        job = Job(start)
+        job = new_job(start)
         worker.submit(job)
         value = await next_item(job)
         await next_item(job)  # END
@@ -265,7 +277,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
                 return pc.ask_parts(str(parts.get("schema")), parts.get("modules") or {}, parts.get("question"),
                                     session=session, options=parsed.options)
 
-            job = Job(start)
+            job = new_job(start)
             worker.submit(job)
         except RequestError as exc:
             return refuse(exc)

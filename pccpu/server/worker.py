@@ -22,7 +22,7 @@ from pccpu.service import Answer, PromptCache, Result
 
 logger = logging.getLogger(__name__)
 
-END = object()  # put on a job's output queue after its Result (or its error)
+END = object()  # delivered after a job's Result (or its error)
 
 
 class QueueFullError(PccpuError):
@@ -32,11 +32,12 @@ class QueueFullError(PccpuError):
 @dataclass
 class Job:
     """One request: ``start`` runs on the worker thread. When it returns an Answer, its pieces, then its Result (or
-    an exception), then END arrive on ``output``; any other value (a schema added, store statistics) arrives alone,
-    then END."""
+    an exception), then END are handed to ``deliver``; any other value (a schema added, store statistics) is handed
+    alone, then END. ``deliver`` is called on the worker thread (the server's puts into an asyncio queue through
+    ``call_soon_threadsafe``, so no thread waits per request)."""
 
     start: Callable[[PromptCache], Any]
-    output: queue.Queue[Any] = field(default_factory=queue.Queue)
+    deliver: Callable[[Any], object]
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -68,27 +69,34 @@ class Worker:
             if job is None:
                 return
             if job.cancelled.is_set():
-                job.output.put(END)
+                self._deliver(job, END)
                 continue
             self._run(job)
+
+    @staticmethod
+    def _deliver(job: Job, item: Any) -> None:
+        try:
+            job.deliver(item)
+        except RuntimeError:  # the receiving event loop is closed (shutdown): stop generating for it
+            job.cancelled.set()
 
     def _run(self, job: Job) -> None:
         try:
             answer = job.start(self.cache)
             if not isinstance(answer, Answer):
-                job.output.put(answer)
-                job.output.put(END)
+                self._deliver(job, answer)
+                self._deliver(job, END)
                 return
             for piece in answer:
                 if job.cancelled.is_set():
                     answer.close()
                     break
-                job.output.put(piece)
+                self._deliver(job, piece)
             result: Result | PccpuError = answer.result()
         except PccpuError as exc:
             result = exc
         except Exception as exc:  # a bug: the client gets a 500 with its type, the server keeps serving
             logger.exception("request failed")
             result = exc  # type: ignore[assignment]
-        job.output.put(result)
-        job.output.put(END)
+        self._deliver(job, result)
+        self._deliver(job, END)
