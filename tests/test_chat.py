@@ -64,13 +64,15 @@ def test_chunks_chain_their_keys_and_merge_small_messages(pc: PromptCache) -> No
                           min_chunk_tokens=64)
     other = build_chunks(conversation("When?", system="Be brief."), runtime, seed="s", n_ctx=4096,
                          min_chunk_tokens=64)
-    assert [c.label for c in first] == ["message 0 .. message 1 part 0", "message 1 part 1", "assistant opening"]
-    assert first[0].key is not None and first[1].key is None and first[2].key is None  # the question: decoded
+    # the short question travels with the assistant's opening, which is never stored
+    assert [c.label for c in first] == ["message 0 .. message 1 part 0", "message 1 part 1 .. assistant opening"]
+    assert first[0].key is not None and first[1].key is None
     assert longer[0].key == first[0].key  # the same prefix, the same stored chunk
     assert other[0].key != first[0].key  # another system message: nothing after it is shared
     assert [c.start for c in longer] == [0, *np.cumsum([len(c.tokens) for c in longer])[:-1]]
     one_by_one = build_chunks(conversation("When?"), runtime, seed="s", n_ctx=4096, min_chunk_tokens=1)
-    assert len(one_by_one) == 4 and one_by_one[0].label == "message 0"
+    assert [c.label for c in one_by_one] == ["message 0", "message 1 part 0", "message 1 part 1", "assistant opening"]
+    assert [c.key is None for c in one_by_one] == [False, False, False, True]
     assert build_chunks(conversation("When?"), runtime, seed="t", n_ctx=4096, min_chunk_tokens=64)[0].key \
         != first[0].key
 
@@ -124,3 +126,21 @@ def test_a_chat_after_a_restart_comes_from_disk(default_model_path: Path, tmp_pa
     assert "disk" in {m.source for m in restored.modules} and restored.cached_tokens > 0
     assert np.array_equal(restored.first_logits, full.first_logits)
     assert restored.text == full.text == computed.text
+
+
+def test_a_document_in_the_first_question_reaches_the_store(fake_cache: FakeCacheFactory, tmp_path: Path) -> None:
+    """The first turn's last message (a document and its question in one string) is stored, and so it survives a
+    restart: asking that first turn again restores it."""
+    store = tmp_path / "store"
+    first_turn = [{"role": "system", "content": "Answer from the document."},
+                  {"role": "user", "content": "Document: " + DOC + "\nWhen does it open?"}]
+    before = fake_cache(store_dir=store, min_chunk_tokens=16)
+    asked = chat(before, first_turn, max_tokens=3)
+    follow = [*first_turn, {"role": "assistant", "content": asked.text}, {"role": "user", "content": "And Sundays?"}]
+    chat(before, follow, max_tokens=3)  # the session holds the first turn; it is stored from the held cells
+    after = fake_cache(store_dir=store, min_chunk_tokens=16)  # a restart: only the disk tier is shared
+    again = chat(after, first_turn, max_tokens=3, keep_logits=True)
+    opening = len(after.tokenize("<|im_start|>assistant\n"))
+    assert again.cached_tokens > len(DOC) and again.uncached_tokens == opening  # only the opening decoded
+    full = chat(after, first_turn, cache=False, max_tokens=3, keep_logits=True)
+    assert np.array_equal(again.first_logits, full.first_logits)

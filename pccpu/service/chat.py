@@ -13,7 +13,9 @@ Reordered or dropped documents are not reused in this mode: that needs modules e
 **What is stored.** Nothing is encoded on purpose: after a request, the chunks it decoded are copied out of the
 request sequence (``seq_cp`` into a save sequence, ``llama_state_seq_get``) and stored, at the cost of a memory
 copy. Chunks shorter than ``min_chunk_tokens`` are merged into the next one (a store entry per three-token "ok" is
-not worth its lookup); the last message and the assistant's opening are always decoded.
+not worth its lookup), so a short question travels with the assistant's opening, which is never stored. Chunks the
+session already held (a document in the first turn's question, held by the conversation) are stored too, from the
+held cells, so they survive a restart.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class ChatChunk:
     label: str  # "message 2", "message 2 part 1"
     tokens: tuple[int, ...]
     start: int
-    key: EntryKey | None  # None: never stored (the last message and the assistant's opening)
+    key: EntryKey | None  # None: never stored (the assistant's opening, and a short last message with it)
 
     @property
     def end(self) -> int:
@@ -117,8 +119,8 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
     if total > n_ctx - 1:
         raise LayoutOverflowError(f"the conversation is {total} tokens, more than the context of n_ctx={n_ctx} "
                                   "leaves room for (shorten it, or start the server with a larger --n-ctx)")
-    # the last message and the assistant's opening are decoded every time: they are the question
-    tail = 2 if add_generation_prompt else 1
+    # the assistant's opening is decoded every time (a short last message merges into it)
+    tail = 1 if add_generation_prompt else 0
     chunks: list[ChatChunk] = []
     digest = hashlib.sha256(f"{CHAT_MODE}\0{seed}".encode()).hexdigest()
     position = 0
@@ -225,10 +227,13 @@ class ChatPath:
             raise ConfigError("llama.cpp returned no logits after the conversation")
         decoded = chunks[missing_from:] if missing_from is not None else []
         uses += [ModuleUse(c.label, "encoded" if c.key is not None else "uncached", len(c.tokens)) for c in decoded]
-        # storing copies every decoded chunk out of the KV cache: after the answer, so the first token does not wait
+        # chunks the session held that the store has not seen (the first turn's last message) are stored as well
+        unstored = [c for c in chunks if c.key is not None and c.end <= held and not self._store.contains(c.key)]
+        # storing copies every chunk out of the KV cache: after the answer, so the first token does not wait
+        to_store = [*unstored, *decoded]
         return Prefill(logits, trace.positions.size, trace if reuse else None, session_tokens=held,
                        cached_tokens=restored, uses=tuple(uses),
-                       after_answer=(lambda: self._store_decoded(decoded)) if decoded else None)
+                       after_answer=(lambda: self._store_decoded(to_store)) if to_store else None)
 
     def _store_decoded(self, chunks: Sequence[ChatChunk]) -> None:
         """Copy the chunks just decoded out of the request sequence into the store (a memory copy each)."""
