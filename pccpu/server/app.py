@@ -38,7 +38,6 @@ from pccpu.server.openai_api import (
     chat_completion,
     chunk,
     completion_id,
-    error_body,
     finish_reason,
     parse_chat_request,
     parse_completion_request,
@@ -95,7 +94,31 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
 
     def refuse(exc: RequestError) -> JSONResponse:
         metrics.errors += 1
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    def submit(job: Job) -> None:
+        try:
+            worker.submit(job)
+        except QueueFullError as exc:
+            raise RequestError(str(exc), status=429, kind="rate_limit_error") from None
+
+    async def respond(job: Job, parsed: ChatRequest, text: bool,
+                      build: Callable[[Result, str], dict[str, Any]]) -> Response:
+        """The answer streamed as server-sent events, or collected (under the request timeout) and built."""
+        metrics.requests += 1
+        ident = completion_id()
+        if parsed.stream:
+            return StreamingResponse(stream(job, ident, parsed.include_usage, text), media_type="text/event-stream")
+        try:
+            result = await asyncio.wait_for(collect(job), timeout=settings.request_timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled.set()
+            return refuse(RequestError("the request timed out", status=504, kind="timeout"))
+        except RequestError as exc:
+            return refuse(exc)
+        metrics.record(result)
+        return JSONResponse(build(result, ident))
 
     def authorize(request: Request) -> None:
         if settings.api_key is not None:
@@ -147,27 +170,11 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
             parse = parse_completion_request if text else parse_chat_request
             parsed = parse(await checked_body(request), settings.model_id, max_new_tokens=settings.max_new_tokens)
             job = job_for(parsed)
-            worker.submit(job)
+            submit(job)
         except RequestError as exc:
             return refuse(exc)
-        except QueueFullError as exc:
-            metrics.errors += 1
-            return JSONResponse(error_body(str(exc), kind="rate_limit_error"), status_code=429,
-                                headers={"Retry-After": "1"})
-        metrics.requests += 1
-        ident = completion_id()
-        if parsed.stream:
-            return StreamingResponse(stream(job, ident, parsed.include_usage, text), media_type="text/event-stream")
-        try:
-            result = await asyncio.wait_for(collect(job), timeout=settings.request_timeout_s)
-        except asyncio.TimeoutError:
-            job.cancelled.set()
-            return refuse(RequestError("the request timed out", status=504, kind="timeout"))
-        except RequestError as exc:
-            return refuse(exc)
-        metrics.record(result)
         build = text_completion if text else chat_completion
-        return JSONResponse(build(result, settings.model_id, ident))
+        return await respond(job, parsed, text, lambda result, ident: build(result, settings.model_id, ident))
 
     async def chat_completions(request: Request) -> Response:
         return await answer(request, text=False)
@@ -221,7 +228,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
     async def run_plain(start: Any) -> Any:
         """Run ``start(cache)`` on the worker and return its value (or raise its error as a RequestError)."""
         job = new_job(start)
-        worker.submit(job)
+        submit(job)
         value = await next_item(job)
         await next_item(job)  # END
         if isinstance(value, BaseException):
@@ -239,8 +246,6 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
             layout = await run_plain(lambda pc: pc.add_schema(text, allowed_roots=roots))
         except RequestError as exc:
             return refuse(exc)
-        except QueueFullError as exc:
-            return refuse(RequestError(str(exc), status=429, kind="rate_limit_error"))
         return JSONResponse({"name": layout.name, "modules": [p or "(root)" for p in layout.modules],
                              "span": layout.span})
 
@@ -278,24 +283,17 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
                                     session=session, options=parsed.options)
 
             job = new_job(start)
-            worker.submit(job)
+            submit(job)
         except RequestError as exc:
             return refuse(exc)
-        except QueueFullError as exc:
-            return refuse(RequestError(str(exc), status=429, kind="rate_limit_error"))
-        metrics.requests += 1
-        ident = completion_id()
-        if parsed.stream:
-            return StreamingResponse(stream(job, ident, parsed.include_usage, False), media_type="text/event-stream")
-        try:
-            result = await asyncio.wait_for(collect(job), timeout=settings.request_timeout_s)
-        except RequestError as exc:
-            return refuse(exc)
-        metrics.record(result)
-        reply = chat_completion(result, settings.model_id, ident)
-        reply["timings"]["pccpu"]["exact"] = False  # modules composed from a schema: close to full prefill, not equal
-        reply["timings"]["pccpu"]["warnings"] = list(result.warnings)
-        return JSONResponse(reply)
+
+        def build(result: Result, ident: str) -> dict[str, Any]:
+            reply = chat_completion(result, settings.model_id, ident)
+            reply["timings"]["pccpu"]["exact"] = False  # modules composed from a schema: close to full prefill
+            reply["timings"]["pccpu"]["warnings"] = list(result.warnings)
+            return reply
+
+        return await respond(job, parsed, False, build)
 
     async def pml_store(request: Request) -> Response:
         try:
