@@ -339,3 +339,34 @@ def test_pml_ask_errors(served: RunningServer) -> None:
                  {"prompt": "<prompt", "schema": "docs"}):
         reply = httpx.post(f"{served.url}/v1/pml/ask", json=body, timeout=30)
         assert reply.status_code == 400 and reply.json()["error"]["message"]
+
+
+def test_a_full_queue_is_a_429_with_retry_after(fake_cache: FakeCacheFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = fake_cache()
+    decode = cache._runtime.context.decode  # slowed down (the GIL released, like llama.cpp) to keep the worker busy
+
+    def slow_decode(tokens: Any, **kwargs: Any) -> Any:
+        time.sleep(0.1)  # 20 tokens: the first request runs for 2 s, while the others arrive 0.3 s apart
+        return decode(tokens, **kwargs)
+
+    monkeypatch.setattr(cache._runtime.context, "decode", slow_decode)
+    running = start_server(cache, max_queue=1)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "temperature": 0}
+    replies: list[httpx.Response] = []
+
+    def post() -> None:
+        replies.append(httpx.post(f"{running.url}/v1/chat/completions", json=body, timeout=60))
+
+    try:
+        threads = [threading.Thread(target=post) for _ in range(3)]
+        for t in threads:  # the first runs, the second waits in the queue, the third finds it full
+            t.start()
+            time.sleep(0.3)
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        stop_server(running)
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses == [200, 200, 429]
+    refused = next(r for r in replies if r.status_code == 429)
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
