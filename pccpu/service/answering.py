@@ -77,6 +77,20 @@ class RequestPath:
     reuse_previous: bool = True
     state_ids: StateIds = field(default_factory=StateIds)
 
+    def run(self, state: SessionState, prefill: Callable[[], Prefill], prompt: PromptFacts, opts: GenerationOptions,
+            started: float, clock: dict[str, float], cache: bool, done: Callable[[Result], None]) -> Iterator[str]:
+        """Switch to the session, bring the prompt in (``prefill``), then generate (a failed prefill leaves the
+        session holding nothing)."""
+        clock["switch_ms"] = self.sessions.activate(state)
+        state.requests += 1
+        try:
+            filled = prefill()
+        except BaseException:
+            self.runtime.context.seq_rm(REQUEST_SEQ)  # whatever the failed prefill left
+            self.sessions.forget_active()
+            raise
+        yield from self.generate(prompt, state, filled, opts, started, clock, cache, done)
+
     def generate(self, prompt: PromptFacts, state: SessionState, prefill: Prefill, opts: GenerationOptions,
                  started: float, clock: dict[str, float], cache: bool,
                  done: Callable[[Result], None]) -> Iterator[str]:

@@ -21,7 +21,6 @@ held cells, so they survive a restart.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from pccpu.errors import ConfigError, LayoutOverflowError, OptionError
+from pccpu.errors import EngineError, LayoutOverflowError, OptionError
 from pccpu.roles import Role, RoleTag
 from pccpu.service.answering import Prefill
 from pccpu.service.result import ModuleUse
@@ -37,8 +36,6 @@ from pccpu.service.reuse import TOKEN, CellTrace, common_prefix
 from pccpu.service.runtime import Runtime
 from pccpu.service.sessions import SessionState
 from pccpu.store import EntryKey, EntryMeta, ModuleStore, StoredModule
-
-logger = logging.getLogger(__name__)
 
 CHAT_MODE = "chat-prefix"  # part of every chat module's key and metadata
 DEFAULT_MIN_CHUNK_TOKENS = 64
@@ -176,10 +173,10 @@ class ChatPath:
         self._save_seq = save_seq
         self._expect = expect
 
-    def prefill(self, chunks: list[ChatChunk], state: SessionState, clock: dict[str, float],
+    def prefill(self, chunks: list[ChatChunk], trace: CellTrace, state: SessionState, clock: dict[str, float],
                 reuse: bool) -> Prefill:
+        """``trace``: ``chunk_trace(chunks)``, computed once by the caller."""
         context = self._runtime.context
-        trace = chunk_trace(chunks)
         kept, state.kept = state.kept, None
         held = common_prefix(kept, trace) if reuse and kept is not None else 0
         if held:  # the session's first cells stay; new cells go right after them (see assembler.assemble)
@@ -211,11 +208,11 @@ class ChatPath:
             restored += chunk.end - cursor
             cursor = chunk.end
         clock["lookup_ms"] = (time.perf_counter() - started) * 1000 - clock.get("restore_ms", 0.0)
-        rest = [t for c in chunks for t in c.tokens][cursor:]
+        rest = trace.values[cursor:].tolist()
         if not rest:  # everything was held or stored: decode the last token again for the logits
             cursor -= 1
             context.seq_rm(self._request_seq, cursor, -1)
-            rest = [chunks[-1].tokens[-1]]
+            rest = trace.values[-1:].tolist()
             if restored:
                 restored -= 1
             else:
@@ -224,7 +221,7 @@ class ChatPath:
         logits = context.decode(rest, seq_id=self._request_seq, start=cursor)
         clock["decode_ms"] = (time.perf_counter() - begun) * 1000
         if logits is None:
-            raise ConfigError("llama.cpp returned no logits after the conversation")
+            raise EngineError("llama.cpp returned no logits after the conversation")
         decoded = chunks[missing_from:] if missing_from is not None else []
         uses += [ModuleUse(c.label, "encoded" if c.key is not None else "uncached", len(c.tokens)) for c in decoded]
         # chunks the session held that the store has not seen (the first turn's last message) are stored as well
@@ -233,10 +230,10 @@ class ChatPath:
         to_store = [*unstored, *decoded]
         return Prefill(logits, trace.positions.size, trace if reuse else None, session_tokens=held,
                        cached_tokens=restored, uses=tuple(uses),
-                       after_answer=(lambda: self._store_decoded(to_store)) if to_store else None)
+                       after_answer=(lambda: self._store_chunks(to_store)) if to_store else None)
 
-    def _store_decoded(self, chunks: Sequence[ChatChunk]) -> None:
-        """Copy the chunks just decoded out of the request sequence into the store (a memory copy each)."""
+    def _store_chunks(self, chunks: Sequence[ChatChunk]) -> None:
+        """Copy chunks out of the request sequence into the store (a memory copy each)."""
         context = self._runtime.context
         for chunk in chunks:
             if chunk.key is None:

@@ -27,7 +27,15 @@ from pccpu.engine import ContextSettings, ModelInfo, available_cores, parse_gpu_
 from pccpu.errors import BusyError, ConfigError, OptionError
 from pccpu.pml import SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
 from pccpu.service.answer import Answer
-from pccpu.service.answering import FIRST_SCRATCH_SEQ, REQUEST_SEQ, SAVE_SEQ, WORK_SEQ, PromptFacts, RequestPath
+from pccpu.service.answering import (
+    FIRST_SCRATCH_SEQ,
+    REQUEST_SEQ,
+    SAVE_SEQ,
+    WORK_SEQ,
+    Prefill,
+    PromptFacts,
+    RequestPath,
+)
 from pccpu.service.chat import DEFAULT_MIN_CHUNK_TOKENS, ChatChunk, ChatPath, build_chunks, chunk_trace, text_chunks
 from pccpu.service.encoder import EncodeStats, ModuleEncoder, ProgressCallback
 from pccpu.service.options import GenerationKwargs, GenerationOptions
@@ -332,20 +340,19 @@ class PromptCache:
         with self._exclusive():
             started = time.perf_counter()
             chunks = make_chunks()
-            tokens = [t for chunk in chunks for t in chunk.tokens]
+            trace = chunk_trace(chunks)  # the conversation's tokens, in position order
             if state is None:
-                state = self._sessions.continuation(chunk_trace(chunks), limit=self._auto_sessions)
-            clock = {"plan_ms": (time.perf_counter() - started) * 1000, "switch_ms": self._sessions.activate(state)}
-            state.requests += 1
-            try:
-                prefill = (self._chat_path.prefill(chunks, state, clock, reuse=self._path.reuse_previous) if cache
-                           else self._path.prefill_baseline(tokens, clock))
-            except BaseException:
-                self._runtime.context.seq_rm(REQUEST_SEQ)
-                self._sessions.forget_active()
-                raise
-            facts = PromptFacts(len(tokens), lambda: tokens)
-            yield from self._path.generate(facts, state, prefill, opts, started, clock, cache, done)
+                state = self._sessions.continuation(trace, limit=self._auto_sessions)
+            session = state
+            clock = {"plan_ms": (time.perf_counter() - started) * 1000}
+
+            def prefill() -> Prefill:
+                if cache:
+                    return self._chat_path.prefill(chunks, trace, session, clock, reuse=self._path.reuse_previous)
+                return self._path.prefill_baseline(trace.values.tolist(), clock)
+
+            facts = PromptFacts(len(trace), trace.values.tolist)
+            yield from self._path.run(state, prefill, facts, opts, started, clock, cache, done)
 
     def _close_session(self, state: SessionState) -> None:
         with self._exclusive():
@@ -363,16 +370,13 @@ class PromptCache:
                 raise ConfigError(f"schema {request.schema.name!r} was added again after this request was planned; "
                                   "plan it again")
             clock = {"plan_ms": (time.perf_counter() - started) * 1000}
-            clock["switch_ms"] = self._sessions.activate(state)
-            state.requests += 1
-            try:
-                prefill = (self._path.prefill_cached(request, state, clock) if cache
-                           else self._path.prefill_baseline(request.plan.baseline_tokens(), clock))
-            except BaseException:
-                self._runtime.context.seq_rm(REQUEST_SEQ)  # whatever the failed assembly left
-                self._sessions.forget_active()
-                raise
-            yield from self._path.generate(PromptFacts.of(request), state, prefill, opts, started, clock, cache, done)
+
+            def prefill() -> Prefill:
+                if cache:
+                    return self._path.prefill_cached(request, state, clock)
+                return self._path.prefill_baseline(request.plan.baseline_tokens(), clock)
+
+            yield from self._path.run(state, prefill, PromptFacts.of(request), opts, started, clock, cache, done)
 
 
 class _Exclusive:
