@@ -318,6 +318,11 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         return JSONResponse({"status": "ok", "queued": worker.queued})
 
     async def metrics_text(request: Request) -> Response:
+        try:
+            authorize(request)
+        except RequestError as exc:
+            return refuse(exc)
+        # read off the worker thread: counters and sizes only, no iteration over what the worker changes
         return PlainTextResponse(metrics.render(cache.stats(), worker.queued),
                                  media_type="text/plain; version=0.0.4")
 

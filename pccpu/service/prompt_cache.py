@@ -143,14 +143,18 @@ class PromptCache:
                                           runtime.reserved_cells if resident_budget else 0)
         budget = int(default_ram_budget() * 0.4) if session_budget is None else session_budget
         residents = self._residents
-        self._sessions = SessionTable(runtime.context, REQUEST_SEQ, budget, lambda: residents.seq_ids)
+
+        def resident_seqs_now() -> list[int]:  # sequences no clear may touch: asked for each time
+            return residents.seq_ids
+
+        self._sessions = SessionTable(runtime.context, REQUEST_SEQ, budget, resident_seqs_now)
         self._default_session = self._sessions.open("default")
         self._encoder = ModuleEncoder(runtime, self._store, self.mode, self._sessions, self._residents,
                                       work_seq=WORK_SEQ, save_seq=SAVE_SEQ)
         self._path = RequestPath(runtime, self._encoder, self._sessions, self._residents, n_ctx=self.n_ctx,
                                  n_scratch_end=n_seq_max, reuse_previous=reuse_previous)
         self._chat_path = ChatPath(runtime, self._store, request_seq=REQUEST_SEQ, save_seq=SAVE_SEQ,
-                                   expect=self._encoder.expect, keep_seqs=lambda: residents.seq_ids)
+                                   expect=self._encoder.expect, keep_seqs=resident_seqs_now)
         self._min_chunk_tokens = min_chunk_tokens
         self._auto_sessions = auto_sessions
         self._schemas = SchemaRegistry()
