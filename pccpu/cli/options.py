@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pccpu.service.passes import CONTEXT_MODES
+from pccpu.service.repair import DEFAULT_REPAIR_TOKENS
 from pccpu.service.runtime import ROLE_MODES
 
 if TYPE_CHECKING:
@@ -46,13 +47,18 @@ def cache_options(func: Callable[..., Any] | None = None, *,
         click.option("--resident-mb", type=click.IntRange(0, 1 << 20), default=0, show_default=True,
                      help="Keep used module runs in the KV cache between prompts, up to this many MiB (GPU memory "
                           "with GPU layers): no restore copy for them."),
+        click.option("--repair-tokens", type=click.IntRange(0, 1 << 16), default=DEFAULT_REPAIR_TOKENS,
+                     show_default=True,
+                     help="Boundary repair: first tokens of each module placed after other text than it was encoded "
+                          "after that are decoded in place instead of restored (0: off)."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), func)
 
 
 def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: str, roles: str, kv_type: str,
                       namespace: str, no_persist: bool, gpu_layers: str, kv_on_cpu: bool, resident_mb: int,
-                      reuse_previous: bool = True) -> PromptCache:
+                      repair_tokens: int = DEFAULT_REPAIR_TOKENS, reuse_previous: bool = True,
+                      chat_reuse: str = "exact") -> PromptCache:
     from pccpu.engine import parse_gpu_layers
     from pccpu.service import PromptCache
 
@@ -62,4 +68,4 @@ def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: 
     return PromptCache(model, n_ctx=n_ctx, n_threads=threads, mode=mode, roles=roles, type_k=kv_type,
                        type_v=kv_type, flash_attn=flash_attn, namespace=namespace, persist=not no_persist,
                        n_gpu_layers=n_gpu_layers, offload_kqv=not kv_on_cpu, resident_budget=resident_mb << 20,
-                       reuse_previous=reuse_previous)
+                       repair_tokens=repair_tokens, reuse_previous=reuse_previous, chat_reuse=chat_reuse)

@@ -26,9 +26,14 @@ logger = logging.getLogger(__name__)
               help="Answer length when a request gives no max_tokens.")
 @click.option("--pml-root", type=click.Path(file_okay=False, exists=True), default=None,
               help="The one folder that schemas sent over HTTP may read src= files from (default: none).")
+@click.option("--reuse", type=click.Choice(["exact", "compose"]), default="exact", show_default=True,
+              help="How chats reuse stored messages: exact (only after the same conversation prefix: the answer of "
+                   "a full prefill) or compose (documents and messages reused wherever they appear, repaired at "
+                   "their start; close to full prefill, not equal). A request can choose with "
+                   "{\"pccpu\": {\"reuse\": ...}}.")
 @cache_options
 def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int, max_new_tokens: int,
-          pml_root: str | None, **opts: Any) -> None:
+          pml_root: str | None, reuse: str, **opts: Any) -> None:
     """Serve /v1/chat/completions, /v1/models, /health and /metrics over HTTP."""
     import uvicorn
 
@@ -37,7 +42,7 @@ def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_q
     if not _is_loopback(host):
         click.echo(f"warning: listening on {host}: anyone who can reach it can use the model"
                    f"{'' if api_key else ' (no --api-key set)'}", err=True)
-    cache = open_prompt_cache(**opts)
+    cache = open_prompt_cache(**opts, chat_reuse=reuse)
     name = model_id or cache.model_path.stem
     settings = ServerSettings(model_id=name, api_key=api_key, max_queue=max_queue, max_new_tokens=max_new_tokens,
                               pml_root=pml_root)

@@ -160,7 +160,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
             session = conversations.get(pc, parsed.conversation)
             if isinstance(parsed.messages, str):
                 return pc.complete(parsed.messages, session=session, options=parsed.options)
-            return pc.chat(parsed.messages, session=session, options=parsed.options)
+            return pc.chat(parsed.messages, session=session, reuse=parsed.reuse, options=parsed.options)
 
         return new_job(start)
 
@@ -289,7 +289,6 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
 
         def build(result: Result, ident: str) -> dict[str, Any]:
             reply = chat_completion(result, settings.model_id, ident)
-            reply["timings"]["pccpu"]["exact"] = False  # modules composed from a schema: close to full prefill
             reply["timings"]["pccpu"]["warnings"] = list(result.warnings)
             return reply
 

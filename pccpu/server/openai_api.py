@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from pccpu.service import GenerationOptions, Result
+from pccpu.service.chat import CHAT_REUSE, ChatReuse
 
 # accepted with no effect on the answer: they only describe the request
-DESCRIPTIVE = {"model", "messages", "stream", "stream_options", "user", "prompt_cache_key", "metadata", "store"}
+DESCRIPTIVE = {"model", "messages", "stream", "stream_options", "user", "prompt_cache_key", "metadata", "store",
+               "pccpu"}
 SAMPLING = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n"}
 # known OpenAI parameters pccpu does not implement: refused unless they hold their neutral value
 NEUTRAL: dict[str, tuple[Any, ...]] = {
@@ -53,6 +55,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     conversation: str | None  # prompt_cache_key, else user: which session it continues
+    reuse: ChatReuse | None = None  # pccpu.reuse: exact or compose (None: the server's --reuse)
 
 
 # /v1/completions: a prompt string instead of messages, and its own neutral parameters
@@ -123,9 +126,20 @@ def _parse(body: Any, model_id: str, *, max_new_tokens: int, messages_required: 
     conversation = body.get("prompt_cache_key") or body.get("user")
     if conversation is not None and not isinstance(conversation, str):
         raise RequestError("prompt_cache_key and user must be strings", param="prompt_cache_key")
+    extension = body.get("pccpu") or {}
+    if not isinstance(extension, Mapping) or set(extension) - {"reuse", "repair_tokens"}:
+        raise RequestError('pccpu must be an object with "reuse" ("exact" or "compose") and/or "repair_tokens"',
+                           param="pccpu")
+    reuse = extension.get("reuse")
+    if reuse is not None and reuse not in CHAT_REUSE:
+        raise RequestError(f'pccpu.reuse must be "exact" or "compose", got {reuse!r}', param="pccpu.reuse")
+    repair = extension.get("repair_tokens")
+    if repair is not None and (not isinstance(repair, int) or isinstance(repair, bool) or not 0 <= repair <= 4096):
+        raise RequestError(f"pccpu.repair_tokens must be an integer from 0 to 4096, got {repair!r}",
+                           param="pccpu.repair_tokens")
     options = GenerationOptions(max_tokens=max_tokens, stop=tuple(stops), temperature=temperature,
-                                top_p=top_p if top_p > 0 else 1e-6, seed=seed)
-    return ChatRequest(messages, options, stream, include_usage, conversation)
+                                top_p=top_p if top_p > 0 else 1e-6, seed=seed, repair_tokens=repair)
+    return ChatRequest(messages, options, stream, include_usage, conversation, reuse)
 
 
 def _typed(body: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -151,8 +165,9 @@ def completion_id() -> str:
 
 
 def usage(result: Result) -> dict[str, Any]:
-    """OpenAI's usage, llama-server's timings and pccpu's own breakdown. In a chat every reused token is an exact
-    prefix hit (the same tokens after the same prefix), so cached_tokens counts all of them."""
+    """OpenAI's usage: ``cached_tokens`` counts every prompt token not decoded for this request. Whether those
+    cells are exactly what a full prefill computes is in the ``pccpu`` block of ``timings`` (``exact``, and each
+    module's ``composed``)."""
     reused = result.session_tokens + result.cached_tokens
     return {
         "prompt_tokens": result.prompt_tokens,
@@ -167,10 +182,13 @@ def timings(result: Result) -> dict[str, Any]:
     return {"prompt_n": result.uncached_tokens, "prompt_ms": result.ttft_ms, "cache_n": result.session_tokens
             + result.cached_tokens, "predicted_n": result.generated_tokens, "predicted_ms": t.generate_ms,
             "pccpu": {"session_tokens": result.session_tokens, "stored_tokens": result.cached_tokens,
-                      "decoded_tokens": result.uncached_tokens, "exact": True, "restore_ms": t.restore_ms,
-                      "decode_ms": t.decode_ms,
-                      "modules": [{"module": m.module, "source": m.source, "tokens": m.tokens}
-                                  for m in result.modules]}}
+                      "decoded_tokens": result.uncached_tokens, "exact": result.exact,
+                      "composed_tokens": sum(m.tokens - m.repaired_tokens for m in result.modules if m.composed),
+                      "repaired_tokens": sum(m.repaired_tokens for m in result.modules),
+                      "restore_ms": t.restore_ms, "decode_ms": t.decode_ms,
+                      "modules": [{"module": m.module, "source": m.source, "tokens": m.tokens,
+                                   "composed": m.composed, "shifted": m.shifted,
+                                   "repaired_tokens": m.repaired_tokens} for m in result.modules]}}
 
 
 def finish_reason(result: Result) -> str:

@@ -49,6 +49,7 @@ class Prefill(NamedTuple):
     uses: tuple[ModuleUse, ...] = ()
     # work that needs the prompt's cells but not before the first token (storing chat chunks): run after the answer
     after_answer: Callable[[], None] | None = None
+    exact: bool = True  # no cell came from a composed state
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class RequestPath:
                 cached_tokens=prefill.cached_tokens, uncached_tokens=decoded, generated_tokens=len(outcome.tokens),
                 finish_reason=outcome.finish_reason, modules=prefill.uses,
                 timings=Timings(generate_ms=outcome.decode_ms, **clock), cached=cache, warnings=prompt.warnings,
-                first_logits=first_logits,
+                first_logits=first_logits, exact=prefill.exact,
             ))
 
     def _sources(self, request: Request, state: SessionState, clock: dict[str, float]) -> dict[str, ModuleSource]:
@@ -158,20 +159,23 @@ class RequestPath:
                 sources[path] = ModuleSource(record.modules[path], hit.entry, "encoded", hit.shift)
         return sources
 
-    def prefill_cached(self, request: Request, state: SessionState, clock: dict[str, float]) -> Prefill:
+    def prefill_cached(self, request: Request, state: SessionState, clock: dict[str, float],
+                       repair_tokens: int = 0) -> Prefill:
         """Assemble the request in the request sequence, after what the session's previous request left there if
-        it began the same way (see reuse.py)."""
+        it began the same way (see reuse.py); the first ``repair_tokens`` tokens of each composed module run are
+        decoded in place (see repair.py)."""
         sources = self._sources(request, state, clock)
         plan = request.plan
+        live = request.live_tokens(repair_tokens)
         trace = None
         if self.reuse_previous:
             trace = trace_plan(plan, {p: (s.entry.key.file_stem, s.shift) for p, s in sources.items()},
-                               self.state_ids)
+                               self.state_ids, live)
         kept, state.kept = state.kept, None  # the request sequence changes from here on
         reused = common_prefix(kept, trace) if kept is not None and trace is not None else 0
         timings = AssemblyTimings()
         try:
-            logits, next_position = self._assemble(request, sources, timings, trace, reused)
+            logits, next_position = self._assemble(request, sources, timings, trace, reused, repair_tokens)
         except (StateError, NoKvSlotError) as exc:
             if not len(self.residents) and not reused:
                 raise
@@ -182,27 +186,29 @@ class RequestPath:
             self.residents.clear()
             reused = 0
             timings = AssemblyTimings()
-            logits, next_position = self._assemble(request, sources, timings, trace, reused)
+            logits, next_position = self._assemble(request, sources, timings, trace, reused, repair_tokens)
         clock.update(restore_ms=timings.restore_ms, decode_ms=timings.decode_ms)
         # a prompt that ends with a cached piece has its last token decoded again, maybe at another position
         reusable = next_position == plan.next_position and not isinstance(plan.pieces[-1], CachedPiece)
-        restored = trace.restored_cells(reused) if trace is not None else plan.cached_tokens
+        restored = trace.restored_cells(reused) if trace is not None else plan.cached_tokens - sum(live)
+        uses = tuple(module_uses(request, sources, live))
         return Prefill(logits, next_position, trace if reusable else None, session_tokens=reused,
-                       cached_tokens=restored, uses=tuple(module_uses(request, sources)))
+                       cached_tokens=restored, uses=uses, exact=not any(u.composed for u in uses))
 
     def _assemble(self, request: Request, sources: dict[str, ModuleSource], timings: AssemblyTimings,
-                  trace: CellTrace | None, reused: int) -> tuple[np.ndarray, int]:
+                  trace: CellTrace | None, reused: int, repair_tokens: int) -> tuple[np.ndarray, int]:
         """Assemble the request, or only what follows its first ``reused`` cells (the request sequence holds them)."""
         scratch = list(range(FIRST_SCRATCH_SEQ, self.n_scratch_end))
         context = self.runtime.context
         if reused and trace is not None:
             # positions grow along a plan: the kept cells are exactly those before the first one to assemble
             keep_below = int(trace.positions[reused - 1]) + 1
-            return assemble(context, request.after(plan_after(request.plan, reused)), sources,
-                            request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings, residents=self.residents,
-                            keep_request_below=keep_below, protect=run_keys(request, sources))
+            tail = request.after(plan_after(request.plan, reused))
+            return assemble(context, tail, sources, request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings,
+                            residents=self.residents, keep_request_below=keep_below,
+                            protect=run_keys(request, sources), live=tail.live_tokens(repair_tokens))
         return assemble(context, request, sources, request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings,
-                        residents=self.residents)
+                        residents=self.residents, live=request.live_tokens(repair_tokens))
 
     def prefill_baseline(self, tokens: Sequence[int], clock: dict[str, float]) -> Prefill:
         """Full prefill of the prompt's tokens from a cleared cache (resident runs stay)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ def assemble(
     residents: ResidentModules | None = None,
     keep_request_below: int | None = None,
     protect: frozenset[tuple[Any, int]] = frozenset(),
+    live: Sequence[int] = (),
 ) -> tuple[np.ndarray, int]:
     """Fill ``request_seq`` with the request's prompt; return the logits after its last token and the position where
     generation continues.
@@ -58,6 +60,9 @@ def assemble(
     request, see ``reuse.py``): its cells from that position on are dropped and ``request`` is only what follows;
     ``protect`` then names the runs of the whole prompt (see ``run_keys``), so that no resident run it uses is
     evicted.
+
+    ``live``: per piece of the plan, how many first tokens of a cached piece to decode in place instead of copying
+    them (boundary repair, see ``repair.py``).
     """
     plan = request.plan
     keep = list(residents.seq_ids) if residents is not None else []
@@ -90,20 +95,28 @@ def assemble(
                 continue
             if run is None:
                 raise InternalError(f"cached piece {index} of the plan has no module run")
+            n_live = live[index] if live else 0
+            if n_live:
+                # boundary repair: the piece's first tokens decoded after everything before them (repair.py)
+                want = "last" if index == last_index and n_live == piece.length else "none"
+                logits = _decode_at(context, plan.piece_tokens(piece)[:n_live], request_seq, piece.start, want,
+                                    timings)
             seq = scratch_of.get(run)
-            if seq is None:
+            if seq is None and (n_live < piece.length or remaining[run] > 1):
                 seq, resident = _bring_run(context, request, sources[piece.module], run, moving, residents,
                                            plan_keys, free, timings, len(scratch_seqs))
                 scratch_of[run] = seq  # released by the finally below if anything fails from here
                 if resident:
                     resident_runs.add(run)
-            if piece.shift:
-                context.seq_add(seq, piece.schema_start, piece.schema_start + piece.length, piece.shift)
-            context.seq_cp(seq, request_seq, piece.start, piece.end)
-            if run not in resident_runs:
-                context.seq_rm(seq, piece.start, piece.end)
+            if seq is not None:
+                if piece.shift:
+                    context.seq_add(seq, piece.schema_start, piece.schema_start + piece.length, piece.shift)
+                if n_live < piece.length:
+                    context.seq_cp(seq, request_seq, piece.start + n_live, piece.end)
+                if run not in resident_runs:
+                    context.seq_rm(seq, piece.start, piece.end)
             remaining[run] -= 1
-            if remaining[run] == 0:
+            if remaining[run] == 0 and run in scratch_of:
                 done = scratch_of.pop(run)
                 if run not in resident_runs:
                     context.seq_rm(done)
@@ -115,6 +128,23 @@ def assemble(
             if run not in resident_runs:
                 context.seq_rm(seq)
     return logits, plan.next_position
+
+
+def _decode_at(context: Context, tokens: Sequence[int], seq: int, start: int, want: LogitsMode,
+               timings: AssemblyTimings) -> np.ndarray | None:
+    """Decode ``tokens`` into ``seq`` at positions ``start, start + 1, ...``: llama.cpp extends a sequence at
+    ``pos_max + 1``, so after a gap (a shorter union member) they are decoded there and moved to ``start`` (their
+    logits are then not returned: they were computed before the move)."""
+    next_free = context.seq_pos_max(seq) + 1
+    at = start if next_free == 0 else next_free
+    if at > start:
+        raise InternalError(f"a repaired piece at position {start} overlaps cells up to {at - 1} (a planner bug)")
+    started = time.perf_counter()
+    logits = context.decode(list(tokens), seq_id=seq, start=at, logits=want if at == start else "none")
+    if at != start:
+        context.seq_add(seq, at, at + len(tokens), start - at)
+    timings.decode_ms += (time.perf_counter() - started) * 1000
+    return logits
 
 
 def _bring_run(context: Context, request: Request, source: ModuleSource, run: RunKey, moving: set[RunKey],

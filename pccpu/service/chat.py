@@ -1,33 +1,43 @@
 """Chats without a schema: every message (and every content part) of an OpenAI-style conversation becomes a module
-on its own, stored the first time it is computed and restored wherever the same conversation prefix comes again:
-in another request, another session, another process after a restart.
+on its own, stored the first time it is computed and restored when it comes again: in another request, another
+session, another process after a restart.
 
-**What context a chat module is encoded with, and where its positions come from** (exact-prefix mode, the only
-one so far): a chunk's state is the KV the model computes for its tokens after *every token before it in the
-conversation*, at the positions they have there (BOS at 0, then the chunks back to back). Its key chains the key of
-the chunk before it with the chunk's own tokens, so a stored chunk is found only after the very same prefix: a
-restored answer is the full prefill's, bit for bit where llama.cpp's results do not depend on batch sizes.
-Reordered or dropped documents are not reused in this mode: that needs modules encoded apart and boundary repair
-(see the accuracy issue), because modules encoded apart lose accuracy (3/12 against 9/12 on Qwen2.5-Coder-0.5B).
+**What context a chat module is encoded with, and where its positions come from.** Nothing is encoded apart: a
+chunk's state is the KV the model computed for its tokens where it first appeared, after *every token before it in
+that conversation*, at the positions they had there (BOS at 0, then the chunks back to back). Two ways to reuse it:
+
+* ``reuse="exact"`` (the default): the key chains the key of the chunk before it with the chunk's own tokens, so a
+  stored chunk is found only after the very same prefix, at the same position: a restored answer is the full
+  prefill's, bit for bit where llama.cpp's results do not depend on batch sizes.
+* ``reuse="compose"``: the key is the chunk's tokens alone, so a document is found wherever it appears, in any order
+  and combination. A chunk found after the same prefix at the same position (its entry records the prefix digest)
+  is exact; otherwise it is *composed*: moved to its new start (``seq_add``, which re-rotates K), its first
+  ``repair_tokens`` tokens decoded in place after everything before them (boundary repair, ``repair.py``), the
+  rest restored as computed elsewhere. Close to full prefill, not equal to it (bench/accuracy.py measures how
+  close), and reported as such (``Result.exact``, ``ModuleUse.composed``). A role's opening tag ends the chunk
+  before it, so a document part is the same tokens wherever it appears.
 
 **What is stored.** Nothing is encoded on purpose: after a request, the chunks it decoded are copied out of the
 request sequence (``seq_cp`` into a save sequence, ``llama_state_seq_get``) and stored, at the cost of a memory
 copy. Chunks shorter than ``min_chunk_tokens`` are merged into the next one (a store entry per three-token "ok" is
 not worth its lookup), so a short question travels with the assistant's opening, which is never stored. Chunks the
 session already held (a document in the first turn's question, held by the conversation) are stored too, from the
-held cells, so they survive a restart.
+held cells, so they survive a restart. In compose mode a chunk decoded after composed cells is stored without its
+prefix digest: it is never taken for exact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from pccpu.engine.protocols import LogitsMode
 from pccpu.errors import EngineError, LayoutOverflowError, OptionError
 from pccpu.roles import Role, RoleTag
 from pccpu.service.answering import Prefill
@@ -37,7 +47,10 @@ from pccpu.service.runtime import Runtime
 from pccpu.service.sessions import SessionState
 from pccpu.store import EntryKey, EntryMeta, ModuleStore, StoredModule
 
-CHAT_MODE = "chat-prefix"  # part of every chat module's key and metadata
+CHAT_MODE = "chat-prefix"  # part of every exact chat module's key and metadata
+COMPOSE_MODE = "chat-compose"  # part of every composable chat module's key and metadata
+ChatReuse = Literal["exact", "compose"]
+CHAT_REUSE: tuple[str, ...] = ("exact", "compose")
 DEFAULT_MIN_CHUNK_TOKENS = 64
 ROLES = {"system": Role.SYSTEM, "developer": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}
 
@@ -50,6 +63,9 @@ class ChatChunk:
     tokens: tuple[int, ...]
     start: int
     key: EntryKey | None  # None: never stored (the assistant's opening, and a short last message with it)
+    # the chain digest of the conversation up to and including this chunk: in compose mode the key is the
+    # chunk's content alone, and this tells whether a stored state was computed after the same prefix
+    context: str = ""
 
     @property
     def end(self) -> int:
@@ -85,11 +101,17 @@ def message_texts(messages: Sequence[Mapping[str, Any]]) -> list[tuple[Role, lis
     return out
 
 
+def check_reuse(reuse: object) -> ChatReuse:
+    if reuse not in CHAT_REUSE:
+        raise OptionError(f"reuse must be one of {', '.join(CHAT_REUSE)}, got {reuse!r}")
+    return reuse  # type: ignore[return-value]
+
+
 def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, seed: str, n_ctx: int,
-                 add_generation_prompt: bool = True,
-                 min_chunk_tokens: int = DEFAULT_MIN_CHUNK_TOKENS) -> list[ChatChunk]:
+                 add_generation_prompt: bool = True, min_chunk_tokens: int = DEFAULT_MIN_CHUNK_TOKENS,
+                 reuse: ChatReuse = "exact") -> list[ChatChunk]:
     """The conversation as chunks of tokens at their positions (see the module docstring); ``seed`` starts the key
-    chain (namespace, model and engine fingerprints)."""
+    chain (namespace, model and engine fingerprints). ``reuse="compose"`` keys each chunk by its own tokens."""
     texts = message_texts(messages)
     tags: list[RoleTag] = []
     if texts[0][0] is not Role.SYSTEM:
@@ -105,7 +127,12 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
         opening, closing = next(tag_text), next(tag_text)
         for j, part in enumerate(parts):
             label = f"message {i}" if len(parts) == 1 else f"message {i} part {j}"
-            text = (opening if j == 0 else "") + part + (closing if j == len(parts) - 1 else "")
+            text = part + (closing if j == len(parts) - 1 else "")
+            if j == 0 and reuse == "compose" and pieces:
+                # the role's opening ends the previous piece: a document is the same tokens wherever it appears
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + opening)
+            elif j == 0:
+                text = opening + text
             pieces.append((label, (lead + text) if i == j == 0 else text))
     if add_generation_prompt:
         pieces.append(("assistant opening", runtime.roles.generation_prompt))
@@ -130,11 +157,16 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
         if stored and len(pending) < min_chunk_tokens:
             continue  # too small for a module of its own: merged into the next chunk
         key = None
+        own = np.asarray(pending, dtype=np.int64).tobytes()
+        digest = hashlib.sha256(digest.encode() + own).hexdigest()
         if stored:
-            digest = hashlib.sha256(digest.encode() + np.asarray(pending, dtype=np.int64).tobytes()).hexdigest()
-            key = EntryKey(digest, position)
+            if reuse == "compose":
+                content = hashlib.sha256(f"{COMPOSE_MODE}\0{seed}\0".encode() + own).hexdigest()
+                key = EntryKey(content, position)
+            else:
+                key = EntryKey(digest, position)
         name = labels[0] if len(labels) == 1 else f"{labels[0]} .. {labels[-1]}"
-        chunks.append(ChatChunk(name, tuple(pending), position, key))
+        chunks.append(ChatChunk(name, tuple(pending), position, key, digest))
         position += len(pending)
         pending, labels = [], []
     return [c for c in chunks if c.tokens]
@@ -174,16 +206,14 @@ class ChatPath:
         self._expect = expect
 
     def prefill(self, chunks: list[ChatChunk], trace: CellTrace, state: SessionState, clock: dict[str, float],
-                reuse: bool) -> Prefill:
-        """``trace``: ``chunk_trace(chunks)``, computed once by the caller."""
-        context = self._runtime.context
+                reuse: bool, *, compose: bool = False, repair_tokens: int = 0) -> Prefill:
+        """``trace``: ``chunk_trace(chunks)``, computed once by the caller. ``compose``: chunks built with
+        ``reuse="compose"``, restored wherever they are found (see ``_prefill_composed``)."""
         kept, state.kept = state.kept, None
-        held = common_prefix(kept, trace) if reuse and kept is not None else 0
-        if held:  # the session's first cells stay; new cells go right after them (see assembler.assemble)
-            context.clear(keep=[*self._keep_seqs(), self._request_seq])
-            context.seq_rm(self._request_seq, held, -1)
-        else:
-            context.clear(keep=self._keep_seqs())
+        held = self._keep_held(kept, trace, reuse)
+        if compose:
+            return self._prefill_composed(chunks, trace, kept, held, clock, reuse, repair_tokens)
+        context = self._runtime.context
         started = time.perf_counter()
         uses: list[ModuleUse] = []
         restored = 0
@@ -232,8 +262,105 @@ class ChatPath:
                        cached_tokens=restored, uses=tuple(uses),
                        after_answer=(lambda: self._store_chunks(to_store)) if to_store else None)
 
-    def _store_chunks(self, chunks: Sequence[ChatChunk]) -> None:
-        """Copy chunks out of the request sequence into the store (a memory copy each)."""
+    def _keep_held(self, kept: CellTrace | None, trace: CellTrace, reuse: bool) -> int:
+        """How many first cells of the conversation the session already holds; clears the rest of the cache."""
+        context = self._runtime.context
+        held = common_prefix(kept, trace) if reuse and kept is not None else 0
+        if held:  # the session's first cells stay; new cells go right after them (see assembler.assemble)
+            context.clear(keep=[*self._keep_seqs(), self._request_seq])
+            context.seq_rm(self._request_seq, held, -1)
+        else:
+            context.clear(keep=self._keep_seqs())
+        return held
+
+    def _prefill_composed(self, chunks: list[ChatChunk], trace: CellTrace, kept: CellTrace | None, held: int,
+                          clock: dict[str, float], reuse: bool, repair_tokens: int) -> Prefill:
+        """Compose mode: every stored chunk is restored wherever it appears, in any order and combination; what is
+        not stored is decoded at its turn.
+
+        A chunk found stored after the same prefix at the same position is exact. Otherwise (another prefix, another
+        position: moved by ``seq_add``) it is *composed*: its first ``repair_tokens`` tokens are decoded in place,
+        after everything before them (boundary repair, ``repair.py``), and the rest of its cells restored as stored.
+        Cells computed after a composed cell are approximate too: chunks are stored as exact (with their prefix
+        digest) only when nothing before their end was composed.
+        """
+        context = self._runtime.context
+        started = time.perf_counter()
+        first_composed = kept.first_composed if kept is not None and kept.composed_within(held) else -1
+        uses: list[ModuleUse] = []
+        restored = 0
+        filled = held  # the request sequence holds cells [0, filled)
+        pending: list[int] = []  # tokens to decode at ``filled``
+        restored_chunks: set[int] = set()
+
+        def flush(want: LogitsMode) -> np.ndarray | None:
+            nonlocal filled, pending
+            if not pending:
+                return None
+            begun = time.perf_counter()
+            logits = context.decode(pending, seq_id=self._request_seq, start=filled, logits=want)
+            clock["decode_ms"] = clock.get("decode_ms", 0.0) + (time.perf_counter() - begun) * 1000
+            filled += len(pending)
+            pending = []
+            return logits
+
+        for index, chunk in enumerate(chunks):
+            if chunk.end <= held:
+                continue
+            hit = self._store.find(chunk.key, self._expect, runs=1) if chunk.key is not None and chunk.start >= held \
+                else None
+            if hit is None:
+                pending += chunk.tokens[max(held - chunk.start, 0):]
+                continue
+            flush("none")
+            same_prefix = hit.shift == 0 and hit.entry.meta.context == chunk.context
+            n_live = 0 if same_prefix else min(repair_tokens, len(chunk.tokens))
+            if n_live:
+                pending = list(chunk.tokens[:n_live])
+                flush("none")
+            begun = time.perf_counter()
+            if n_live < len(chunk.tokens):
+                context.state_seq_set(self._save_seq, hit.entry.state)  # a scratch: restores replace
+                if hit.shift:
+                    context.seq_add(self._save_seq, -1, -1, hit.shift)
+                context.seq_cp(self._save_seq, self._request_seq, chunk.start + n_live, chunk.end)
+                context.seq_rm(self._save_seq)
+                if not same_prefix and first_composed < 0:
+                    first_composed = chunk.start + n_live
+            clock["restore_ms"] = clock.get("restore_ms", 0.0) + (time.perf_counter() - begun) * 1000
+            filled = chunk.end
+            restored += len(chunk.tokens) - n_live
+            restored_chunks.add(index)
+            uses.append(ModuleUse(chunk.label, hit.tier, len(chunk.tokens), hit.entry.nbytes, shifted=hit.shift != 0,
+                                  composed=not same_prefix, repaired_tokens=n_live))
+        clock["lookup_ms"] = (time.perf_counter() - started) * 1000 - clock.get("restore_ms", 0.0) \
+            - clock.get("decode_ms", 0.0)
+        if not pending:  # the prompt ends with held or restored cells: decode its last token again for the logits
+            filled -= 1
+            context.seq_rm(self._request_seq, filled, -1)
+            pending = [int(trace.values[-1])]
+            last = uses[-1] if len(chunks) - 1 in restored_chunks else None
+            if last is None:
+                held -= 1
+            elif last.repaired_tokens < last.tokens:
+                restored -= 1
+        logits = flush("last")
+        if logits is None:
+            raise EngineError("llama.cpp returned no logits after the conversation")
+        decoded = [c for i, c in enumerate(chunks) if i not in restored_chunks and c.end > held]
+        uses += [ModuleUse(c.label, "encoded" if c.key is not None else "uncached", len(c.tokens)) for c in decoded]
+        to_store = [c for i, c in enumerate(chunks)
+                    if c.key is not None and i not in restored_chunks and not self._store.contains(c.key)]
+        exact_below = first_composed if first_composed >= 0 else trace.positions.size
+        composed_trace = dataclasses.replace(trace, first_composed=first_composed)
+        return Prefill(logits, trace.positions.size, composed_trace if reuse else None, session_tokens=held,
+                       cached_tokens=restored, uses=tuple(uses), exact=first_composed < 0,
+                       after_answer=(lambda: self._store_chunks(to_store, exact_below)) if to_store else None)
+
+    def _store_chunks(self, chunks: Sequence[ChatChunk], exact_below: int | None = None) -> None:
+        """Copy chunks out of the request sequence into the store (a memory copy each). In compose mode
+        (``exact_below`` set) a chunk records its prefix digest only when its cells are exact (it ends at or before
+        ``exact_below``): only then may a later request treat it as computed after the same prefix."""
         context = self._runtime.context
         for chunk in chunks:
             if chunk.key is None:
@@ -241,7 +368,11 @@ class ChatPath:
             context.seq_cp(self._request_seq, self._save_seq, chunk.start, chunk.end)
             state = context.state_seq_get(self._save_seq)
             context.seq_rm(self._save_seq)
-            meta = EntryMeta(schema="chat", module=chunk.label, mode=CHAT_MODE, ranges=((chunk.start, chunk.end),),
-                             run_bytes=(state.nbytes,), model=self._expect["model"], state=self._expect["state"],
-                             model_file=self._runtime.model.path.name, created=time.time())
+            exact = exact_below is None or chunk.end <= exact_below
+            meta = EntryMeta(schema="chat", module=chunk.label,
+                             mode=CHAT_MODE if exact_below is None else COMPOSE_MODE,
+                             ranges=((chunk.start, chunk.end),), run_bytes=(state.nbytes,),
+                             model=self._expect["model"], state=self._expect["state"],
+                             model_file=self._runtime.model.path.name, created=time.time(),
+                             context=chunk.context if exact else "")
             self._store.save(StoredModule(chunk.key, state, meta))

@@ -39,6 +39,7 @@ class GenerationKwargs(TypedDict, total=False):
     seed: int | None
     add_generation_prompt: bool | None
     keep_logits: bool
+    repair_tokens: int | None
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class GenerationOptions:
 
     ``max_tokens=0`` only prefills the prompt (with ``keep_logits``, for fidelity checks). ``add_generation_prompt``:
     open the assistant's turn after the prompt (None: when the prompt ends a user turn). ``keep_logits``: keep the
-    next-token logits after the prompt in ``Result.first_logits``.
+    next-token logits after the prompt in ``Result.first_logits``. ``repair_tokens``: boundary repair, how many first
+    tokens of each composed module (placed after other text than it was encoded after) to decode in place (None: the
+    PromptCache's default; 0: none, every cached cell restored as stored; see ``service/repair.py``).
     """
 
     max_tokens: int = 128
@@ -61,6 +64,7 @@ class GenerationOptions:
     seed: int | None = None
     add_generation_prompt: bool | None = None
     keep_logits: bool = False
+    repair_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
@@ -70,6 +74,7 @@ class GenerationOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise OptionError(f"{name} must be an integer, got {value!r}")
+        check_repair_tokens(self.repair_tokens, optional=True)
         if self.max_tokens < 0:
             raise OptionError(f"max_tokens must be >= 0 (0 only prefills the prompt), got {self.max_tokens}")
         try:
@@ -95,3 +100,11 @@ class GenerationOptions:
 
     def generation(self) -> GenerationSettings:
         return GenerationSettings(max_tokens=self.max_tokens, stop=self.stop, sampling=self.sampling)
+
+
+def check_repair_tokens(value: object, *, optional: bool = False) -> None:
+    """``repair_tokens`` is an integer >= 0 (or None where the default applies)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise OptionError(f"repair_tokens must be an integer >= 0 (0 turns boundary repair off), got {value!r}")

@@ -36,11 +36,21 @@ from pccpu.service.answering import (
     PromptFacts,
     RequestPath,
 )
-from pccpu.service.chat import DEFAULT_MIN_CHUNK_TOKENS, ChatChunk, ChatPath, build_chunks, chunk_trace, text_chunks
+from pccpu.service.chat import (
+    DEFAULT_MIN_CHUNK_TOKENS,
+    ChatChunk,
+    ChatPath,
+    ChatReuse,
+    build_chunks,
+    check_reuse,
+    chunk_trace,
+    text_chunks,
+)
 from pccpu.service.encoder import EncodeStats, ModuleEncoder, ProgressCallback
-from pccpu.service.options import GenerationKwargs, GenerationOptions
+from pccpu.service.options import GenerationKwargs, GenerationOptions, check_repair_tokens
 from pccpu.service.passes import ContextMode, cached_modules, check_mode, plan_passes
 from pccpu.service.prompt_builder import Selection, build_prompt_xml
+from pccpu.service.repair import DEFAULT_REPAIR_TOKENS
 from pccpu.service.request import Request, order_warnings
 from pccpu.service.resident import ResidentModules, ResidentStats
 from pccpu.service.result import Result
@@ -94,6 +104,8 @@ class PromptCache:
         session_budget: int | None = None,
         min_chunk_tokens: int = DEFAULT_MIN_CHUNK_TOKENS,
         auto_sessions: int = 16,
+        repair_tokens: int = DEFAULT_REPAIR_TOKENS,
+        chat_reuse: str = "exact",
         runtime: Runtime | None = None,
     ) -> None:
         """``model``: a registry name or a .gguf path (default: $PCCPU_MODEL or the registry's default).
@@ -101,10 +113,18 @@ class PromptCache:
         ``reuse_previous``: each session keeps its cells for its next request (off: every request is assembled
         from the module store, for measurements). ``session_budget``: bytes of parked session states in RAM
         (default: a tenth of the memory available). ``min_chunk_tokens``: chat messages shorter than this
-        are stored together with the next (see ``chat()``). ``runtime``: an opened model and context to use instead of
-        ``model`` and the engine settings (tests pass a fake engine here).
+        are stored together with the next (see ``chat()``). ``repair_tokens``: boundary repair by default, the
+        first tokens of each module placed after other text than it was encoded after that are decoded in place
+        instead of restored (``service/repair.py``; a request's ``repair_tokens`` option overrides it).
+        ``chat_reuse``: how ``chat()`` reuses stored messages by default, ``"exact"`` (only after the same
+        conversation prefix: the full prefill's answer) or ``"compose"`` (wherever they appear, repaired).
+        ``runtime``: an opened model and context to use instead of ``model`` and the engine settings (tests pass a
+        fake engine here).
         """
         self.mode: ContextMode = check_mode(mode)
+        check_repair_tokens(repair_tokens)
+        self.repair_tokens = repair_tokens
+        self.chat_reuse: ChatReuse = check_reuse(chat_reuse)
         if n_seq_max < FIRST_SCRATCH_SEQ + 1:
             raise ConfigError(f"n_seq_max must be at least {FIRST_SCRATCH_SEQ + 1}, got {n_seq_max}")
         if resident_budget < 0 or resident_slots < 1:
@@ -300,23 +320,26 @@ class PromptCache:
         return Session(self, self._sessions.open(name))
 
     def chat(self, messages: Sequence[Mapping[str, Any]], *, cache: bool = True,
-             session: Session | Literal["auto"] | None = None, options: GenerationOptions | None = None,
-             **kwargs: Unpack[GenerationKwargs]) -> Answer:
+             session: Session | Literal["auto"] | None = None, reuse: ChatReuse | None = None,
+             options: GenerationOptions | None = None, **kwargs: Unpack[GenerationKwargs]) -> Answer:
         """Answer an OpenAI-style conversation (``[{"role": "user", "content": "..."}, ...]``) without a schema:
         each message, and each text part of a message's content, is a module stored the first time it is computed
-        and restored after the same conversation prefix anywhere, across sessions and restarts (``chat.py``).
+        and restored anywhere, across sessions and restarts (``chat.py``). ``reuse="exact"`` restores a stored
+        message only after the same conversation prefix (the full prefill's answer); ``"compose"`` wherever it
+        appears, in any order or combination, with boundary repair (``repair_tokens``; default: ``chat_reuse``).
         ``add_generation_prompt`` (default on) opens the assistant's turn after the last message.
         ``session="auto"``: the conversation is found by content, for clients that name none: the automatic
         session whose last prompt this one continues, else a new one (at most ``auto_sessions`` of them)."""
         opts = GenerationOptions.from_kwargs(kwargs, options)
+        mode = self.chat_reuse if reuse is None else check_reuse(reuse)
         state = self._chat_session(session)
 
         def chunks() -> list[ChatChunk]:
             return build_chunks(messages, self._runtime, seed=self._encoder.seed, n_ctx=self.n_ctx,
                                 add_generation_prompt=opts.add_generation_prompt is not False,
-                                min_chunk_tokens=self._min_chunk_tokens)
+                                min_chunk_tokens=self._min_chunk_tokens, reuse=mode)
 
-        return Answer(lambda done: self._run_chat(chunks, state, cache, opts, done))
+        return Answer(lambda done: self._run_chat(chunks, state, cache, opts, done, compose=mode == "compose"))
 
     def complete(self, prompt: str, *, cache: bool = True, session: Session | Literal["auto"] | None = None,
                  options: GenerationOptions | None = None, **kwargs: Unpack[GenerationKwargs]) -> Answer:
@@ -340,7 +363,7 @@ class PromptCache:
         return state
 
     def _run_chat(self, make_chunks: Callable[[], list[ChatChunk]], state: SessionState | None, cache: bool,
-                  opts: GenerationOptions, done: Callable[[Result], None]) -> Iterator[str]:
+                  opts: GenerationOptions, done: Callable[[Result], None], compose: bool = False) -> Iterator[str]:
         with self._exclusive():
             started = time.perf_counter()
             chunks = make_chunks()
@@ -352,7 +375,9 @@ class PromptCache:
 
             def prefill() -> Prefill:
                 if cache:
-                    return self._chat_path.prefill(chunks, trace, session, clock, reuse=self._path.reuse_previous)
+                    repair = self.repair_tokens if opts.repair_tokens is None else opts.repair_tokens
+                    return self._chat_path.prefill(chunks, trace, session, clock, reuse=self._path.reuse_previous,
+                                                   compose=compose, repair_tokens=repair)
                 return self._path.prefill_baseline(trace.values.tolist(), clock)
 
             facts = PromptFacts(len(trace), trace.values.tolist)
@@ -377,7 +402,8 @@ class PromptCache:
 
             def prefill() -> Prefill:
                 if cache:
-                    return self._path.prefill_cached(request, state, clock)
+                    repair = self.repair_tokens if opts.repair_tokens is None else opts.repair_tokens
+                    return self._path.prefill_cached(request, state, clock, repair)
                 return self._path.prefill_baseline(request.plan.baseline_tokens(), clock)
 
             yield from self._path.run(state, prefill, PromptFacts.of(request), opts, started, clock, cache, done)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pccpu.errors import InternalError
 from pccpu.pml import CachedPiece, PromptPlan, SchemaLayout, UncachedPiece
 from pccpu.pml.prompt import ModuleRef, Prompt
+from pccpu.service.repair import composed_offsets, live_tokens
 from pccpu.service.result import ModuleUse, Source
 from pccpu.service.schemas import ModuleRecord, SchemaRecord
 from pccpu.store import StoredModule
@@ -29,6 +30,9 @@ class Request:
     schema: SchemaRecord
     runs: tuple[RunKey | None, ...]  # per piece of the plan: the module run a cached piece copies from
     modules: tuple[str, ...]  # cached modules in the order the plan first uses them
+    # per piece: None, or (a composed cached piece: placed after other cells than it was encoded after) how far
+    # into its run it begins (see repair.py)
+    composed: tuple[int | None, ...]
     warnings: tuple[str, ...] = ()
 
     @classmethod
@@ -36,7 +40,20 @@ class Request:
         runs = tuple(_run_of(schema.module(p.module), p) if isinstance(p, CachedPiece) else None
                      for p in plan.pieces)
         modules = tuple(dict.fromkeys(run[0] for run in runs if run is not None))
-        return cls(plan, schema, runs, modules, warnings)
+        records = [schema.modules[run[0]] if run is not None else None for run in runs]
+        contexts = [r.contexts[run[1]] if r is not None and run is not None and r.contexts else None
+                    for r, run in zip(records, runs, strict=True)]
+        starts = [r.ranges[run[1]][0] if r is not None and run is not None else None
+                  for r, run in zip(records, runs, strict=True)]
+        return cls(plan, schema, runs, modules, composed_offsets(plan, contexts, starts), warnings)
+
+    def live_tokens(self, repair_tokens: int) -> tuple[int, ...]:
+        """Per piece: how many first tokens to decode live with boundary repair of ``repair_tokens``."""
+        return live_tokens(self.plan, self.composed, repair_tokens)
+
+    def composed_modules(self) -> frozenset[str]:
+        return frozenset(p.module for p, c in zip(self.plan.pieces, self.composed, strict=True)
+                         if c is not None and isinstance(p, CachedPiece))
 
     @property
     def prompt_tokens(self) -> int:
@@ -47,8 +64,17 @@ class Request:
         return p1 - p0
 
     def after(self, plan: PromptPlan) -> Request:
-        """This request with ``plan`` (a tail of this one's plan, see ``reuse.plan_after``)."""
-        return Request.build(plan, self.schema, self.warnings)
+        """This request with ``plan``: a tail of this one's plan (see ``reuse.plan_after``), whose first piece may
+        begin inside this one's piece at the same index from the end."""
+        n = len(plan.pieces)
+        if n == 0:
+            return Request(plan, self.schema, (), (), (), self.warnings)
+        runs, composed = self.runs[-n:], list(self.composed[-n:])
+        cut = plan.pieces[0].start - self.plan.pieces[-n].start
+        if composed[0] is not None:
+            composed[0] += cut
+        modules = tuple(dict.fromkeys(run[0] for run in runs if run is not None))
+        return Request(plan, self.schema, runs, modules, tuple(composed), self.warnings)
 
 
 @dataclass(frozen=True)
@@ -60,8 +86,9 @@ class ModuleSource:
     tier: Source  # ram or disk; "encoded" when it was encoded for this request
     shift: int  # applied to all of its cells: non-zero when it was found stored at another start
 
-    def use(self, tokens: int) -> ModuleUse:
-        return ModuleUse(self.record.path, self.tier, tokens, self.entry.nbytes, shifted=self.shift != 0)
+    def use(self, tokens: int, *, composed: bool = False, repaired: int = 0) -> ModuleUse:
+        return ModuleUse(self.record.path, self.tier, tokens, self.entry.nbytes, shifted=self.shift != 0,
+                         composed=composed or self.shift != 0, repaired_tokens=repaired)
 
 
 def _run_of(record: ModuleRecord, piece: CachedPiece) -> RunKey:
@@ -72,13 +99,17 @@ def _run_of(record: ModuleRecord, piece: CachedPiece) -> RunKey:
                          f"{piece.module!r} lies in none of its text runs {record.ranges} (a planner bug)")
 
 
-def module_uses(request: Request, sources: dict[str, ModuleSource]) -> list[ModuleUse]:
-    """One entry per module the prompt includes: cached ones with their source, then cache="false" ones."""
+def module_uses(request: Request, sources: dict[str, ModuleSource], live: tuple[int, ...] = ()) -> list[ModuleUse]:
+    """One entry per module the prompt includes: cached ones with their source (and how many of their tokens were
+    decoded in place by boundary repair, ``live``), then cache="false" ones."""
     tokens: dict[str, int] = dict.fromkeys(request.modules, 0)
-    for piece in request.plan.pieces:
+    repaired: dict[str, int] = dict.fromkeys(request.modules, 0)
+    composed = request.composed_modules()
+    for index, piece in enumerate(request.plan.pieces):
         if isinstance(piece, CachedPiece):
             tokens[piece.module] += piece.length
-    uses = [sources[path].use(n) for path, n in tokens.items()]
+            repaired[piece.module] += live[index] if live else 0
+    uses = [sources[path].use(n, composed=path in composed, repaired=repaired[path]) for path, n in tokens.items()]
     for piece in request.plan.pieces:
         if isinstance(piece, UncachedPiece) and piece.kind == "uncached_module" and piece.module:
             uses.append(ModuleUse(piece.module, "uncached", piece.length))

@@ -17,6 +17,9 @@ class ModuleUse:
     tokens: int
     state_bytes: int = 0
     shifted: bool = False  # found at another start position and moved
+    # placed after other cells than it was encoded after (or shifted): close to full prefill, not equal to it
+    composed: bool = False
+    repaired_tokens: int = 0  # of ``tokens``, decoded in place by boundary repair (see service/repair.py)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,9 @@ class Result:
     timings: Timings = field(default_factory=Timings)
     cached: bool = True  # False for a full-prefill (baseline) answer
     warnings: tuple[str, ...] = ()  # things the caller may want to fix (modules referenced out of schema order)
+    # every reused cell holds what a full prefill computes (no module composed after other text than it was
+    # computed after); False: close to full prefill, not equal to it
+    exact: bool = True
     # the next-token logits after the prompt (float32 over the vocabulary), kept when asked (keep_logits=True)
     first_logits: Any = field(default=None, repr=False, compare=False)
 

@@ -19,6 +19,7 @@ assemble.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,9 @@ class CellTrace:
     states: np.ndarray
     values: np.ndarray
     shifts: np.ndarray
+    # index of the first cell whose KV came from a composed state (a chat chunk restored after another prefix than
+    # it was computed after, see chat.py), or -1: a session reusing cells before it reuses exact ones
+    first_composed: int = -1
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -54,7 +58,11 @@ class CellTrace:
         return CellTrace(np.concatenate([self.positions, np.arange(start, start + n, dtype=np.int64)]),
                          np.concatenate([self.states, np.full(n, TOKEN, dtype=np.int64)]),
                          np.concatenate([self.values, np.asarray(tokens, dtype=np.int64)]),
-                         np.concatenate([self.shifts, np.zeros(n, dtype=np.int64)]))
+                         np.concatenate([self.shifts, np.zeros(n, dtype=np.int64)]), self.first_composed)
+
+    def composed_within(self, n: int) -> bool:
+        """Whether any of the first ``n`` cells came from a composed state."""
+        return 0 <= self.first_composed < n
 
 
 class StateIds:
@@ -67,13 +75,23 @@ class StateIds:
         return self._ids.setdefault(key, len(self._ids))
 
 
-def trace_plan(plan: PromptPlan, state_keys: dict[str, tuple[str, int]], ids: StateIds) -> CellTrace:
+def trace_plan(plan: PromptPlan, state_keys: dict[str, tuple[str, int]], ids: StateIds,
+               live: Sequence[int] = ()) -> CellTrace:
     """The cells ``plan`` puts in the request. ``state_keys`` maps a module path to (its stored state's key, the
-    shift its whole state is restored with)."""
+    shift its whole state is restored with); ``live``: per piece, how many first cells of a cached piece are decoded
+    in place instead (boundary repair, see ``repair.py``)."""
     positions, states, values, shifts = [], [], [], []
-    for piece in plan.pieces:
+    for index, piece in enumerate(plan.pieces):
         span = np.arange(piece.start, piece.end, dtype=np.int64)
         positions.append(span)
+        n_live = live[index] if live else 0
+        if n_live and isinstance(piece, CachedPiece):
+            # repaired cells are tokens decoded after the cells before them, like any decoded token
+            states.append(np.full(n_live, TOKEN, dtype=np.int64))
+            values.append(np.asarray(plan.piece_tokens(piece)[:n_live], dtype=np.int64))
+            shifts.append(np.zeros(n_live, dtype=np.int64))
+            piece = CachedPiece(piece.module, piece.schema_start + n_live, piece.start + n_live,
+                                piece.length - n_live)
         if isinstance(piece, CachedPiece):
             key, state_shift = state_keys[piece.module]
             # stored position of each cell: its schema position less the state's shift (found at another start)
@@ -88,7 +106,8 @@ def trace_plan(plan: PromptPlan, state_keys: dict[str, tuple[str, int]], ids: St
     if not positions:
         empty = np.zeros(0, dtype=np.int64)
         return CellTrace(empty, empty, empty, empty)
-    return CellTrace(*(np.concatenate(parts) for parts in (positions, states, values, shifts)))
+    return CellTrace(np.concatenate(positions), np.concatenate(states), np.concatenate(values),
+                     np.concatenate(shifts))
 
 
 def common_prefix(kept: CellTrace, new: CellTrace) -> int:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pccpu.errors import UnknownModuleError, UnknownSchemaError
 from pccpu.pml import SchemaLayout
 from pccpu.service.passes import Cell, EncodePass
+from pccpu.service.repair import RunContext, run_contexts
 from pccpu.store import EntryKey
 
 logger = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ class ModuleRecord:
     key: EntryKey
     pass_index: int  # into SchemaRecord.passes
     ranges: tuple[tuple[int, int], ...]  # [p0, p1) text runs in schema positions
+    # per run: the cells it attended to before its first cell when encoded (see repair.py)
+    contexts: tuple[RunContext, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def n_cells(self) -> int:
@@ -56,7 +59,8 @@ class SchemaRecord:
         for index, encode_pass in enumerate(passes):
             for cells in encode_pass.saved:
                 key = key_of(encode_pass.context_of(cells), cells.cells, cells.start)
-                modules[cells.path] = ModuleRecord(cells.path, key, index, cells.ranges)
+                modules[cells.path] = ModuleRecord(cells.path, key, index, cells.ranges,
+                                                   run_contexts(encode_pass, cells))
         order = list(layout.modules)
         return cls(layout, tuple(passes), dict(sorted(modules.items(), key=lambda kv: order.index(kv[0]))))
 

@@ -32,6 +32,7 @@ class EntryMeta:
     state: str  # engine settings fingerprint
     model_file: str = ""
     created: float = 0.0
+    context: str = ""  # chat chunks in compose mode: digest of the prefix it was computed after ("" when unknown)
 
     @property
     def n_cells(self) -> int:
@@ -40,7 +41,8 @@ class EntryMeta:
     def to_fields(self) -> dict[str, Any]:
         return {"schema": self.schema, "module": self.module, "mode": self.mode, "n_cells": self.n_cells,
                 "ranges": [list(r) for r in self.ranges], "run_bytes": list(self.run_bytes), "model": self.model,
-                "state": self.state, "model_file": self.model_file, "created": self.created}
+                "state": self.state, "model_file": self.model_file, "created": self.created,
+                "context": self.context}
 
     @classmethod
     def from_fields(cls, fields: dict[str, Any], *, where: str) -> EntryMeta:
@@ -50,7 +52,8 @@ class EntryMeta:
             run_bytes = tuple(int(n) for n in fields["run_bytes"])
             meta = cls(schema=str(fields["schema"]), module=str(fields["module"]), mode=str(fields["mode"]),
                        ranges=ranges, run_bytes=run_bytes, model=str(fields["model"]), state=str(fields["state"]),
-                       model_file=str(fields.get("model_file", "")), created=float(fields.get("created", 0.0)))
+                       model_file=str(fields.get("model_file", "")), created=float(fields.get("created", 0.0)),
+                       context=str(fields.get("context", "")))
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise CorruptEntryError(f"{where}: unreadable metadata ({type(exc).__name__}: {exc}); it will be "
                                     "encoded again") from None
