@@ -28,6 +28,12 @@ composed one decoded in place (``k=0``: no repair). Each set's questions run one
 first one is a new request (its TTFT is the one reported, median over sets); the next ones reuse its cells and
 decode only their question, so every system answers each question after the same KV the first question built.
 First-token KL and top-1 agreement are measured against ``full`` on every question.
+
+With ``--encodings chat`` the same questions are also asked as OpenAI-style chats (``PromptCache.chat``, the
+documents as content parts): ``chat-exact`` (exact-prefix reuse: the chat's own full prefill, the reference of the
+chat rows) and ``chat-compose`` / ``chat-compose-k`` (``reuse="compose"``, what ``pccpu serve --reuse compose``
+does), each from an empty store: a document is decoded where it first appears, stored from the request's cells, and
+restored wherever it appears later.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, unescape
 
 import numpy as np
 
@@ -128,6 +134,14 @@ def prompt(name: str, question: Question) -> str:
     return f'<prompt schema="{name}">{refs}Question: {escape(question.text)}</user></prompt>'
 
 
+def chat_messages(pool: Pool, question: Question) -> list[dict[str, Any]]:
+    """The question as a chat: the documents as content parts (each its own stored chunk, in compose mode found in
+    any slot), then the question."""
+    parts = [{"type": "text", "text": unescape(pool.documents[d]) + "\n\n"} for d in question.docs]
+    parts.append({"type": "text", "text": f"Question: {question.text}"})
+    return [{"role": "system", "content": f"{SYSTEM} The documents follow."}, {"role": "user", "content": parts}]
+
+
 def make_questions(pool: Pool, n_questions: int, rng: random.Random) -> list[Question]:
     """Sets of three documents and their questions, until ``n_questions`` (the last set may be cut)."""
     n_docs = len(pool.documents)
@@ -168,18 +182,25 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 @dataclass(frozen=True)
 class SystemRun:
     name: str
-    schema: str
+    schema: str  # a PML schema, or "chat": the same documents as an OpenAI-style chat (``PromptCache.chat``)
     repair: int
+    reuse: str = "exact"  # chats: how stored messages are reused (exact prefix, or composed anywhere)
 
 
-def answer_all(pc: PromptCache, run: SystemRun, questions: list[Question], max_tokens: int,
+def answer_all(pc: PromptCache, pool: Pool, run: SystemRun, questions: list[Question], max_tokens: int,
                reference: dict[int, np.ndarray] | None) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
     """Ask every question with ``run``'s schema and repair: a record per question, and its first-token logits
     when there is no ``reference`` to compare them with."""
+    session = pc.session()  # its own cells: nothing held from another system's last question
     for index, question in enumerate(questions):
         started = time.perf_counter()
-        result = pc.ask(prompt(run.schema, question), max_tokens=max_tokens, keep_logits=True,
-                        repair_tokens=run.repair, stop=["\n"]).result()
+        if run.schema == "chat":
+            result = pc.chat(chat_messages(pool, question), reuse="compose" if run.reuse == "compose" else "exact",
+                             session=session, max_tokens=max_tokens, keep_logits=True, repair_tokens=run.repair,
+                             stop=["\n"]).result()
+        else:
+            result = session.ask(prompt(run.schema, question), max_tokens=max_tokens, keep_logits=True,
+                                 repair_tokens=run.repair, stop=["\n"]).result()
         record: dict[str, Any] = {
             "system": run.name, "index": index, "set": question.set_index, "kind": question.kind,
             "first_of_set": index == 0 or questions[index - 1].set_index != question.set_index,
@@ -195,6 +216,7 @@ def answer_all(pc: PromptCache, run: SystemRun, questions: list[Question], max_t
         record["first_token_kl"] = kl_divergence(reference[index], logits)
         record["top1_agree"] = int(np.argmax(reference[index])) == int(np.argmax(logits))
         yield record, None
+    session.close()
 
 
 def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -251,7 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
-    reference: dict[int, np.ndarray] = {}
+    reference: dict[bool, dict[int, np.ndarray]] = {}
     encode_s: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="pccpu-accuracy-") as store:
         def open_cache(mode: str) -> PromptCache:
@@ -275,18 +297,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pc.add_schema(schema(pool, "accfull", cached=False), encode=False)
             records_path = out / f"accuracy-{tag}.jsonl"
             sink = records_path.open("w")
-            runs = [SystemRun("full", "accfull", 0)]
+            # full prefill is the reference of the schema systems (chats have their own: chat-exact)
+            runs = [SystemRun("full", "accfull", 0)] if {"isolated", "filler"} & set(args.encodings) else []
             if "isolated" in args.encodings:
                 encode_s["isolated"] = _add_timed(pc, schema(pool, "acc", cached=True))
                 runs += [SystemRun(f"isolated-k{k}", "acc", k) for k in args.repair]
+            if "chat" in args.encodings:  # chats need no schema: their messages are stored as they are decoded
+                runs += [SystemRun("chat-exact", "chat", 0), SystemRun("chat-compose", "chat", 0, "compose")]
+                runs += [SystemRun(f"chat-compose-k{k}", "chat", k, "compose") for k in args.repair if k]
             pc.warm_up()
-            _run_systems(pc, runs, questions, args.max_tokens, reference, records, sink)
+            _run_systems(pc, pool, runs, questions, args.max_tokens, reference, records, sink)
         if "filler" in args.encodings:
             with open_cache("sequential") as pc:
                 encode_s["filler"] = _add_timed(pc, schema(pool, "accfill", cached=True, fillers=fillers))
                 pc.warm_up()
                 runs = [SystemRun(f"filler-k{k}", "accfill", k) for k in args.repair]
-                _run_systems(pc, runs, questions, args.max_tokens, reference, records, sink)
+                _run_systems(pc, pool, runs, questions, args.max_tokens, reference, records, sink)
         sink.close()
     meta = {"model": model_name, "size": args.size, "doc_tokens": doc_tokens, "docs": args.docs,
             "questions": len(questions), "sets": len({q.set_index for q in questions}), "seed": args.seed,
@@ -307,15 +333,19 @@ def _add_timed(pc: PromptCache, text: str) -> float:
     return seconds
 
 
-def _run_systems(pc: PromptCache, runs: list[SystemRun], questions: list[Question], max_tokens: int,
-                 reference: dict[int, np.ndarray], records: list[dict[str, Any]], sink: Any) -> None:
-    """Answer every question with each system in turn; ``full`` fills ``reference`` for the others' KL."""
+def _run_systems(pc: PromptCache, pool: Pool, runs: list[SystemRun], questions: list[Question], max_tokens: int,
+                 reference: dict[bool, dict[int, np.ndarray]], records: list[dict[str, Any]], sink: Any) -> None:
+    """Answer every question with each system in turn; ``full`` (``chat-exact`` for chats) keeps its first-token
+    logits in ``reference`` for the others' KL."""
     for system in runs:
         began = time.perf_counter()
-        is_full = system.name == "full"
-        for record, logits in answer_all(pc, system, questions, max_tokens, None if is_full else reference):
+        mine = reference.setdefault(system.schema == "chat", {})  # chats compare with the exact chat
+        if system.reuse == "compose":  # each compose run starts from an empty store: documents stored as they come
+            pc.clear_store()
+        is_full = system.name in ("full", "chat-exact")
+        for record, logits in answer_all(pc, pool, system, questions, max_tokens, None if is_full else mine):
             if is_full and logits is not None:
-                reference[record["index"]] = logits
+                mine[record["index"]] = logits
             records.append(record)
             sink.write(json.dumps(record) + "\n")
             sink.flush()
@@ -333,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repair", default="0,4,16,32", help="comma-separated repair k values per encoding")
     parser.add_argument("--encodings", default="isolated,filler",
                         help="isolated: each document encoded after the system text only; filler: after the system "
-                             "text and a filler essay per slot before its own (sequential mode, scaffolds)")
+                             "text and a filler essay per slot before its own (sequential mode, scaffolds); chat: the "
+                             "same questions as chats, exact reuse (the chat's full prefill) and compose mode")
     parser.add_argument("--max-tokens", type=int, default=24, help="small models restate the question first")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1)
@@ -341,8 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.repair = [int(k) for k in str(args.repair).split(",") if k.strip()]
     args.encodings = [e.strip() for e in str(args.encodings).split(",") if e.strip()]
-    if unknown := set(args.encodings) - {"isolated", "filler"}:
-        parser.error(f"unknown encodings {sorted(unknown)}: use isolated and/or filler")
+    if unknown := set(args.encodings) - {"isolated", "filler", "chat"}:
+        parser.error(f"unknown encodings {sorted(unknown)}: use isolated, filler and/or chat")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     report = run(args)
     print(markdown(report["rows"], report["meta"]))

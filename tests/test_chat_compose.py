@@ -96,3 +96,12 @@ def test_exact_mode_stays_the_default(fake_cache: FakeCacheFactory) -> None:
     assert same(swapped, chat(pc, rag("beta", "alpha"), cache=False))
     with pytest.raises(OptionError, match="reuse must be one of exact, compose"):
         pc.chat(rag("alpha"), reuse="sometimes")  # type: ignore[arg-type]
+
+
+def test_a_short_system_message_before_documents_stays_a_chunk_of_its_own(fake_cache: FakeCacheFactory) -> None:
+    pc = fake_cache(min_chunk_tokens=64, chat_reuse="compose")  # the system message is shorter than that
+    chat(pc, rag("alpha", "beta", "gamma"), session=pc.session())
+    swapped = chat(pc, rag("gamma", "alpha", "beta"), session=pc.session())
+    restored = [u for u in swapped.modules if u.source in ("ram", "disk")]
+    assert [u.module for u in restored] == ["message 0", "message 1 part 0", "message 1 part 1", "message 1 part 2"]
+    assert [u.composed for u in restored] == [False, True, True, True]

@@ -20,7 +20,8 @@ that conversation*, at the positions they had there (BOS at 0, then the chunks b
 **What is stored.** Nothing is encoded on purpose: after a request, the chunks it decoded are copied out of the
 request sequence (``seq_cp`` into a save sequence, ``llama_state_seq_get``) and stored, at the cost of a memory
 copy. Chunks shorter than ``min_chunk_tokens`` are merged into the next one (a store entry per three-token "ok" is
-not worth its lookup), so a short question travels with the assistant's opening, which is never stored. Chunks the
+not worth its lookup), so a short question travels with the assistant's opening, which is never stored; in compose
+mode a short piece before a large one (a short system message before a document) stays a chunk of its own. Chunks the
 session already held (a document in the first turn's question, held by the conversation) are stored too, from the
 held cells, so they survive a restart. In compose mode a chunk decoded after composed cells is stored without its
 prefix digest: it is never taken for exact.
@@ -154,8 +155,11 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
         pending += tokens
         labels.append(label)
         stored = index < len(token_lists) - tail
-        if stored and len(pending) < min_chunk_tokens:
-            continue  # too small for a module of its own: merged into the next chunk
+        # too small for a module of its own: merged into the next chunk, except (compose mode) into a large one
+        # that will be stored: a document must stay the same tokens wherever it appears
+        next_large = index + 1 < len(token_lists) - tail and len(token_lists[index + 1][1]) >= min_chunk_tokens
+        if stored and len(pending) < min_chunk_tokens and not (reuse == "compose" and next_large):
+            continue
         key = None
         own = np.asarray(pending, dtype=np.int64).tobytes()
         digest = hashlib.sha256(digest.encode() + own).hexdigest()
