@@ -44,9 +44,10 @@ class RunContext:
 
 
 def cells_digest(positions: np.ndarray, tokens: np.ndarray, start: int) -> bytes:
-    """Digest of cells as (position - ``start``, token) pairs, int64."""
-    pairs = np.stack([np.asarray(positions, dtype=np.int64) - start, np.asarray(tokens, dtype=np.int64)], axis=1)
-    return hashlib.sha256(pairs.tobytes()).digest()
+    """Digest of cells: their positions less ``start``, then their tokens, as int64."""
+    digest = hashlib.sha256((np.asarray(positions, dtype=np.int64) - start).tobytes())
+    digest.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    return digest.digest()
 
 
 def run_contexts(encode_pass: EncodePass, module: ModuleCells) -> tuple[RunContext, ...]:
@@ -101,6 +102,5 @@ def live_tokens(plan: PromptPlan, offsets: Sequence[int | None], repair_tokens: 
 def _plan_cells(plan: PromptPlan) -> tuple[np.ndarray, np.ndarray]:
     """Positions and tokens of every cell of the plan, in plan order."""
     positions = np.concatenate([np.arange(p.start, p.end, dtype=np.int64) for p in plan.pieces])
-    tokens = np.fromiter((t for p in plan.pieces for t in plan.piece_tokens(p)), dtype=np.int64,
-                         count=len(positions))
+    tokens = np.concatenate([np.asarray(plan.piece_tokens(p), dtype=np.int64) for p in plan.pieces])
     return positions, tokens
