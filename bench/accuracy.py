@@ -58,6 +58,7 @@ from pccpu.bench.corpus import corpus_text, documents
 from pccpu.bench.fidelity import kl_divergence
 from pccpu.bench.retrieval import plant
 from pccpu.service import PromptCache
+from pccpu.service.chat import ChatReuse
 
 logger = logging.getLogger("pccpu.bench.accuracy")
 
@@ -184,7 +185,7 @@ class SystemRun:
     name: str
     schema: str  # a PML schema, or "chat": the same documents as an OpenAI-style chat (``PromptCache.chat``)
     repair: int
-    reuse: str = "exact"  # chats: how stored messages are reused (exact prefix, or composed anywhere)
+    reuse: ChatReuse = "exact"  # chats: how stored messages are reused (exact prefix, or composed anywhere)
 
 
 def answer_all(pc: PromptCache, pool: Pool, run: SystemRun, questions: list[Question], max_tokens: int,
@@ -195,7 +196,7 @@ def answer_all(pc: PromptCache, pool: Pool, run: SystemRun, questions: list[Ques
     for index, question in enumerate(questions):
         started = time.perf_counter()
         if run.schema == "chat":
-            result = pc.chat(chat_messages(pool, question), reuse="compose" if run.reuse == "compose" else "exact",
+            result = pc.chat(chat_messages(pool, question), reuse=run.reuse,
                              session=session, max_tokens=max_tokens, keep_logits=True, repair_tokens=run.repair,
                              stop=["\n"]).result()
         else:

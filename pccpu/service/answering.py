@@ -175,7 +175,7 @@ class RequestPath:
         reused = common_prefix(kept, trace) if kept is not None and trace is not None else 0
         timings = AssemblyTimings()
         try:
-            logits, next_position = self._assemble(request, sources, timings, trace, reused, repair_tokens)
+            logits, next_position = self._assemble(request, sources, timings, trace, reused, live, repair_tokens)
         except (StateError, NoKvSlotError) as exc:
             if not len(self.residents) and not reused:
                 raise
@@ -186,7 +186,7 @@ class RequestPath:
             self.residents.clear()
             reused = 0
             timings = AssemblyTimings()
-            logits, next_position = self._assemble(request, sources, timings, trace, reused, repair_tokens)
+            logits, next_position = self._assemble(request, sources, timings, trace, reused, live, repair_tokens)
         clock.update(restore_ms=timings.restore_ms, decode_ms=timings.decode_ms)
         # a prompt that ends with a cached piece has its last token decoded again, maybe at another position
         reusable = next_position == plan.next_position and not isinstance(plan.pieces[-1], CachedPiece)
@@ -196,8 +196,10 @@ class RequestPath:
                        cached_tokens=restored, uses=uses, exact=not any(u.composed for u in uses))
 
     def _assemble(self, request: Request, sources: dict[str, ModuleSource], timings: AssemblyTimings,
-                  trace: CellTrace | None, reused: int, repair_tokens: int) -> tuple[np.ndarray, int]:
-        """Assemble the request, or only what follows its first ``reused`` cells (the request sequence holds them)."""
+                  trace: CellTrace | None, reused: int, live: tuple[int, ...],
+                  repair_tokens: int) -> tuple[np.ndarray, int]:
+        """Assemble the request, or only what follows its first ``reused`` cells (the request sequence holds them).
+        ``live``: the request's repaired tokens per piece (``Request.live_tokens(repair_tokens)``)."""
         scratch = list(range(FIRST_SCRATCH_SEQ, self.n_scratch_end))
         context = self.runtime.context
         if reused and trace is not None:
@@ -208,7 +210,7 @@ class RequestPath:
                             residents=self.residents, keep_request_below=keep_below,
                             protect=run_keys(request, sources), live=tail.live_tokens(repair_tokens))
         return assemble(context, request, sources, request_seq=REQUEST_SEQ, scratch_seqs=scratch, timings=timings,
-                        residents=self.residents, live=request.live_tokens(repair_tokens))
+                        residents=self.residents, live=live)
 
     def prefill_baseline(self, tokens: Sequence[int], clock: dict[str, float]) -> Prefill:
         """Full prefill of the prompt's tokens from a cleared cache (resident runs stay)."""

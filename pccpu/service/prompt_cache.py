@@ -375,13 +375,16 @@ class PromptCache:
 
             def prefill() -> Prefill:
                 if cache:
-                    repair = self.repair_tokens if opts.repair_tokens is None else opts.repair_tokens
                     return self._chat_path.prefill(chunks, trace, session, clock, reuse=self._path.reuse_previous,
-                                                   compose=compose, repair_tokens=repair)
+                                                   compose=compose, repair_tokens=self._repair_tokens(opts))
                 return self._path.prefill_baseline(trace.values.tolist(), clock)
 
             facts = PromptFacts(len(trace), trace.values.tolist)
             yield from self._path.run(state, prefill, facts, opts, started, clock, cache, done)
+
+    def _repair_tokens(self, opts: GenerationOptions) -> int:
+        """The request's boundary repair: its own option, else this cache's default."""
+        return self.repair_tokens if opts.repair_tokens is None else opts.repair_tokens
 
     def _close_session(self, state: SessionState) -> None:
         with self._exclusive():
@@ -402,8 +405,7 @@ class PromptCache:
 
             def prefill() -> Prefill:
                 if cache:
-                    repair = self.repair_tokens if opts.repair_tokens is None else opts.repair_tokens
-                    return self._path.prefill_cached(request, state, clock, repair)
+                    return self._path.prefill_cached(request, state, clock, self._repair_tokens(opts))
                 return self._path.prefill_baseline(request.plan.baseline_tokens(), clock)
 
             yield from self._path.run(state, prefill, PromptFacts.of(request), opts, started, clock, cache, done)
