@@ -20,6 +20,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PromptCache": "pccpu.service",
     "Session": "pccpu.service",
+    "Draft": "pccpu.service",
+    "TypingStats": "pccpu.service",
     "Answer": "pccpu.service",
     "Result": "pccpu.service",
     "ModuleUse": "pccpu.service",
@@ -41,9 +43,9 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "Answer", "BusyError", "CacheStats", "ConfigError", "EngineError", "GenerationOptions", "ModelError", "ModuleArgs",
-    "ModuleUse", "OptionError", "PccpuError", "PmlError", "PromptCache", "Request", "Result", "Session",
-    "SessionError", "StoreError", "Timings", "__version__", "build_prompt_xml",
+    "Answer", "BusyError", "CacheStats", "ConfigError", "Draft", "EngineError", "GenerationOptions", "ModelError",
+    "ModuleArgs", "ModuleUse", "OptionError", "PccpuError", "PmlError", "PromptCache", "Request", "Result", "Session",
+    "SessionError", "StoreError", "Timings", "TypingStats", "__version__", "build_prompt_xml",
 ]
 
 if TYPE_CHECKING:
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from pccpu.service import (
         Answer,
         CacheStats,
+        Draft,
         GenerationOptions,
         ModuleArgs,
         ModuleUse,
@@ -69,6 +72,7 @@ if TYPE_CHECKING:
         Result,
         Session,
         Timings,
+        TypingStats,
         build_prompt_xml,
     )
 

@@ -98,6 +98,10 @@ class DecodeError(EngineError):
     pass
 
 
+class DecodeInterrupted(DecodeError):
+    """A decode stopped by ``interrupt()`` from another thread (type-ahead yielding to a keystroke)."""
+
+
 class StateError(EngineError):
     pass
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import struct
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from pccpu.engine.model import ModelInfo
 from pccpu.engine.protocols import LogitsMode
-from pccpu.errors import ContextOverflowError, InvalidArgumentError, NoKvSlotError, StateError
+from pccpu.errors import ContextOverflowError, DecodeInterrupted, InvalidArgumentError, NoKvSlotError, StateError
 
 PAD, BOS, EOS, IM_START, IM_END = 0, 1, 2, 259, 260
 BYTE_OFFSET = 3
@@ -120,6 +121,8 @@ class FakeContext:
         self._shift_pending = False
         self._closed = False
         self.decoded_tokens = self.decode_calls = self.restored_cells = 0
+        self.seconds_per_token = 0.0  # decodes take this long per token (type-ahead tests), interruptible
+        self._interrupted = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -178,6 +181,7 @@ class FakeContext:
         if last >= 0 and start != last + 1:
             raise InvalidArgumentError(f"sequence {seq_id} ends at position {last}, so new tokens must start at "
                                        f"{last + 1}, not {start} (llama.cpp extends a sequence only at pos_max + 1)")
+        self._wait(n)
         self.decode_calls += 1
         self._apply_shifts()  # llama.cpp does it before looking for cells, so also when none is found
         # what the first token attends to, ordered by position (cell order never matters); each token adds itself
@@ -207,6 +211,22 @@ class FakeContext:
         if logits == "all":
             return np.stack([self._logits(kv) for kv in kvs])
         return self._logits(kvs[-1]) if logits == "last" else None
+
+    def _wait(self, n: int) -> None:
+        """Take ``seconds_per_token`` per token, like a real decode; ``interrupt()`` stops it (nothing placed)."""
+        if self._interrupted.wait(self.seconds_per_token * n) if self.seconds_per_token else self._interrupted.is_set():
+            self._interrupted.clear()
+            raise DecodeInterrupted("llama_decode was interrupted (interrupt() was called)")
+
+    @property
+    def can_interrupt(self) -> bool:
+        return True
+
+    def interrupt(self) -> None:
+        self._interrupted.set()
+
+    def clear_interrupt(self) -> None:
+        self._interrupted.clear()
 
     def _logits(self, kv: int) -> np.ndarray:
         return np.random.default_rng(kv).standard_normal(self.model.info.n_vocab).astype(np.float32)

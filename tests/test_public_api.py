@@ -8,13 +8,14 @@ import pccpu
 import pccpu.service
 
 PUBLIC = [
-    "Answer", "BusyError", "CacheStats", "ConfigError", "EngineError", "GenerationOptions", "ModelError", "ModuleArgs",
-    "ModuleUse", "OptionError", "PccpuError", "PmlError", "PromptCache", "Request", "Result", "Session",
-    "SessionError", "StoreError", "Timings", "__version__", "build_prompt_xml",
+    "Answer", "BusyError", "CacheStats", "ConfigError", "Draft", "EngineError", "GenerationOptions", "ModelError",
+    "ModuleArgs", "ModuleUse", "OptionError", "PccpuError", "PmlError", "PromptCache", "Request", "Result", "Session",
+    "SessionError", "StoreError", "Timings", "TypingStats", "__version__", "build_prompt_xml",
 ]
 
 PROMPT_CACHE_METHODS = [
     "add_schema", "ask", "ask_parts", "chat", "complete", "clear_residents", "clear_store", "close", "detokenize",
+    "draft",
     "encode", "kv_bytes_per_token", "model_info", "model_path", "n_ctx", "pin", "plan", "schemas", "session", "stats",
     "tokenize", "warm_up", "mode",
 ]

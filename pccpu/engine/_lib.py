@@ -24,12 +24,18 @@ _lib: ModuleType | None = None
 _callback: object = None  # keeps the ctypes callback alive for the life of the process
 _pending_level = logging.DEBUG
 _pending_text: list[str] = []
+# llama.cpp reports an interrupted decode (LlamaContext.interrupt, an expected event) as
+# three errors and a warning: debug messages
+_INTERRUPT_MESSAGES = (b"compute status: 1", b"failed to decode, ret = 2", b"failed with error 1",
+                       b"removing memory module entries")
 
 
 def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     global _pending_level
     if level != 5:
         _pending_level = _GGML_TO_LOGGING.get(level, logging.DEBUG)
+        if level in (3, 4) and any(message in text for message in _INTERRUPT_MESSAGES):
+            _pending_level = logging.DEBUG
     if not logger.isEnabledFor(_pending_level):
         return
     _pending_text.append(text.decode("utf-8", errors="replace"))

@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import json
 import logging
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from pccpu.engine.threads import available_cores
 from pccpu.errors import (
     ContextOverflowError,
     DecodeError,
+    DecodeInterrupted,
     EngineError,
     InvalidArgumentError,
     NoKvSlotError,
@@ -37,6 +39,23 @@ KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
                  "q5_0": 22 / 32, "q5_1": 24 / 32}
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama-cparams.h
+
+
+def _c_strlen() -> int | None:
+    """The address of the C library's ``strlen``, or None where it cannot be found."""
+    try:
+        libc = ctypes.CDLL(None) if sys.platform != "win32" else ctypes.cdll.msvcrt
+        return ctypes.cast(libc.strlen, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
+
+
+# Interrupting a decode from another thread: llama.cpp's CPU backend asks the context's abort callback between graph
+# nodes and makes llama_decode return 2 when it says true. The callback is the C library's strlen on a two-byte flag
+# buffer ("" = go on, "\x01" = stop): a C function of the same shape (one pointer in, a value whose low byte is the
+# answer), so the compute threads never need Python's GIL (a Python callback would take it hundreds of times per
+# decode and wait behind whatever thread holds it).
+_STRLEN = _c_strlen()
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,10 @@ class LlamaContext:
         params.swa_full = s.swa_full
         params.offload_kqv = s.offload_kqv
         params.no_perf = True
+        self._abort_flag = ctypes.create_string_buffer(2)  # see _STRLEN
+        if _STRLEN is not None:
+            params.abort_callback = llama_cpp.ggml_abort_callback(_STRLEN)
+            params.abort_callback_data = ctypes.cast(self._abort_flag, ctypes.c_void_p)
         handle = llama_cpp.llama_init_from_model(model.handle, params)
         if not handle:
             raise EngineError(
@@ -281,7 +304,8 @@ class LlamaContext:
                 "remove sequences (seq_rm) or create the context with a larger n_ctx"
             )
         if rc == 2:
-            raise DecodeError("llama_decode was aborted")
+            self._abort_flag[0] = b"\x00"
+            raise DecodeInterrupted("llama_decode was interrupted (interrupt() was called)")
         raise DecodeError(f"llama_decode failed with code {rc} (run with --verbose for llama.cpp's reason)")
 
     def _logits_ith(self, i: int) -> np.ndarray:
@@ -289,6 +313,19 @@ class LlamaContext:
         if not ptr:
             raise DecodeError(f"llama.cpp has no logits for batch index {i}")
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,))
+
+    @property
+    def can_interrupt(self) -> bool:
+        return _STRLEN is not None
+
+    def interrupt(self) -> None:
+        """Make the decode running now (in another thread), or else the next one, stop soon with
+        :class:`DecodeInterrupted`; its tokens are removed again. Needs no lock: one byte is written. A caller that
+        no longer wants the interruption calls ``clear_interrupt()`` (the flag stays set until a decode sees it)."""
+        self._abort_flag[0] = b"\x01"
+
+    def clear_interrupt(self) -> None:
+        self._abort_flag[0] = b"\x00"
 
     # -- sequence (KV memory) operations ---------------------------------------------------------------
     def apply_pending_shift(self) -> None:

@@ -10,6 +10,8 @@ from pccpu.service.prompt_cache import CacheStats, PromptCache
 from pccpu.service.request import Request
 from pccpu.service.result import ModuleUse, Result, Timings
 from pccpu.service.session import Session
+from pccpu.service.typeahead import Draft, TypingStats
 
-__all__ = ["Answer", "BusyError", "CacheStats", "GenerationKwargs", "GenerationOptions", "ModuleArgs", "ModuleUse",
-           "OptionError", "PromptCache", "Request", "Result", "Session", "SessionError", "Timings", "build_prompt_xml"]
+__all__ = ["Answer", "BusyError", "CacheStats", "Draft", "GenerationKwargs", "GenerationOptions", "ModuleArgs",
+           "ModuleUse", "OptionError", "PromptCache", "Request", "Result", "Session", "SessionError", "Timings",
+           "TypingStats", "build_prompt_xml"]

@@ -43,7 +43,7 @@ from pccpu.errors import EngineError, LayoutOverflowError, OptionError
 from pccpu.roles import Role, RoleTag
 from pccpu.service.answering import Prefill
 from pccpu.service.result import ModuleUse
-from pccpu.service.reuse import TOKEN, CellTrace, common_prefix
+from pccpu.service.reuse import TOKEN, CellTrace, common_prefix, matching_cells
 from pccpu.service.runtime import Runtime
 from pccpu.service.sessions import SessionState
 from pccpu.store import EntryKey, EntryMeta, ModuleStore, StoredModule
@@ -110,9 +110,11 @@ def check_reuse(reuse: object) -> ChatReuse:
 
 def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, seed: str, n_ctx: int,
                  add_generation_prompt: bool = True, min_chunk_tokens: int = DEFAULT_MIN_CHUNK_TOKENS,
-                 reuse: ChatReuse = "exact") -> list[ChatChunk]:
+                 reuse: ChatReuse = "exact", tokenize: Callable[[str], list[int]] | None = None) -> list[ChatChunk]:
     """The conversation as chunks of tokens at their positions (see the module docstring); ``seed`` starts the key
-    chain (namespace, model and engine fingerprints). ``reuse="compose"`` keys each chunk by its own tokens."""
+    chain (namespace, model and engine fingerprints). ``reuse="compose"`` keys each chunk by its own tokens.
+    ``tokenize``: the model's tokenizer, or a memo of it (type-ahead builds the same conversation on every
+    keystroke)."""
     texts = message_texts(messages)
     tags: list[RoleTag] = []
     if texts[0][0] is not Role.SYSTEM:
@@ -137,7 +139,7 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
             pieces.append((label, (lead + text) if i == j == 0 else text))
     if add_generation_prompt:
         pieces.append(("assistant opening", runtime.roles.generation_prompt))
-    tokenize = runtime.model.tokenize
+    tokenize = tokenize or runtime.model.tokenize
     token_lists = [(label, list(tokenize(text)) if text else []) for label, text in pieces]
     token_lists[0] = (token_lists[0][0], [*runtime.bos_tokens, *token_lists[0][1]])
     total = sum(len(t) for _, t in token_lists)
@@ -210,13 +212,19 @@ class ChatPath:
         self._expect = expect
 
     def prefill(self, chunks: list[ChatChunk], trace: CellTrace, state: SessionState, clock: dict[str, float],
-                reuse: bool, *, compose: bool = False, repair_tokens: int = 0) -> Prefill:
+                reuse: bool, *, compose: bool = False, repair_tokens: int = 0, min_decode: int = 1) -> Prefill:
         """``trace``: ``chunk_trace(chunks)``, computed once by the caller. ``compose``: chunks built with
-        ``reuse="compose"``, restored wherever they are found (see ``_prefill_composed``)."""
+        ``reuse="compose"``, restored wherever they are found (see ``_prefill_composed``). ``min_decode``: the
+        fewest tokens decoded at the end (exact mode; type-ahead asks for 2: on the CPU, llama.cpp computes a batch
+        of one token by another kernel, whose cells differ in the last bits from the same token in a larger batch)."""
         kept, state.kept = state.kept, None
-        held = self._keep_held(kept, trace, reuse)
+        ready, state.ready = state.ready, None
+        # type-ahead left exactly this prompt's cells and the logits after them: nothing to decode
+        ready_logits = ready[1] if ready is not None and ready[0] is kept and kept is not None and reuse \
+            and len(kept) == len(trace) and matching_cells(kept, trace) == len(trace) else None
+        held = self._keep_held(kept, trace, reuse, whole=ready_logits is not None)
         if compose:
-            return self._prefill_composed(chunks, trace, kept, held, clock, reuse, repair_tokens)
+            return self._prefill_composed(chunks, trace, kept, held, clock, reuse, repair_tokens, ready_logits)
         context = self._runtime.context
         started = time.perf_counter()
         uses: list[ModuleUse] = []
@@ -243,16 +251,16 @@ class ChatPath:
             cursor = chunk.end
         clock["lookup_ms"] = (time.perf_counter() - started) * 1000 - clock.get("restore_ms", 0.0)
         rest = trace.values[cursor:].tolist()
-        if not rest:  # everything was held or stored: decode the last token again for the logits
-            cursor -= 1
+        if len(rest) < min_decode and ready_logits is None:
+            # everything (or all but the last few) was held or stored: decode the last cells again
+            back = min(min_decode - len(rest), cursor)
+            restored -= min(back, cursor - held)
+            held -= max(back - (cursor - held), 0)
+            cursor -= back
             context.seq_rm(self._request_seq, cursor, -1)
-            rest = trace.values[-1:].tolist()
-            if restored:
-                restored -= 1
-            else:
-                held -= 1
+            rest = trace.values[cursor:].tolist()
         begun = time.perf_counter()
-        logits = context.decode(rest, seq_id=self._request_seq, start=cursor)
+        logits = context.decode(rest, seq_id=self._request_seq, start=cursor) if rest else ready_logits
         clock["decode_ms"] = (time.perf_counter() - begun) * 1000
         if logits is None:
             raise EngineError("llama.cpp returned no logits after the conversation")
@@ -266,10 +274,11 @@ class ChatPath:
                        cached_tokens=restored, uses=tuple(uses),
                        after_answer=(lambda: self._store_chunks(to_store)) if to_store else None)
 
-    def _keep_held(self, kept: CellTrace | None, trace: CellTrace, reuse: bool) -> int:
-        """How many first cells of the conversation the session already holds; clears the rest of the cache."""
+    def _keep_held(self, kept: CellTrace | None, trace: CellTrace, reuse: bool, *, whole: bool = False) -> int:
+        """How many first cells of the conversation the session already holds; clears the rest of the cache.
+        ``whole``: it holds them all (and the logits after them), else at least the last is decoded again."""
         context = self._runtime.context
-        held = common_prefix(kept, trace) if reuse and kept is not None else 0
+        held = len(trace) if whole else common_prefix(kept, trace) if reuse and kept is not None else 0
         if held:  # the session's first cells stay; new cells go right after them (see assembler.assemble)
             context.clear(keep=[*self._keep_seqs(), self._request_seq])
             context.seq_rm(self._request_seq, held, -1)
@@ -278,7 +287,8 @@ class ChatPath:
         return held
 
     def _prefill_composed(self, chunks: list[ChatChunk], trace: CellTrace, kept: CellTrace | None, held: int,
-                          clock: dict[str, float], reuse: bool, repair_tokens: int) -> Prefill:
+                          clock: dict[str, float], reuse: bool, repair_tokens: int,
+                          ready_logits: np.ndarray | None = None) -> Prefill:
         """Compose mode: every stored chunk is restored wherever it appears, in any order and combination; what is
         not stored is decoded at its turn.
 
@@ -339,7 +349,9 @@ class ChatPath:
                                   composed=not same_prefix, repaired_tokens=n_live))
         clock["lookup_ms"] = (time.perf_counter() - started) * 1000 - clock.get("restore_ms", 0.0) \
             - clock.get("decode_ms", 0.0)
-        if not pending:  # the prompt ends with held or restored cells: decode its last token again for the logits
+        if not pending and ready_logits is not None:  # type-ahead held every cell and the logits after them
+            logits: np.ndarray | None = ready_logits
+        elif not pending:  # the prompt ends with held or restored cells: decode its last token again for the logits
             filled -= 1
             context.seq_rm(self._request_seq, filled, -1)
             pending = [int(trace.values[-1])]
@@ -348,7 +360,8 @@ class ChatPath:
                 held -= 1
             elif last.repaired_tokens < last.tokens:
                 restored -= 1
-        logits = flush("last")
+        if pending:
+            logits = flush("last")
         if logits is None:
             raise EngineError("llama.cpp returned no logits after the conversation")
         decoded = [c for i, c in enumerate(chunks) if i not in restored_chunks and c.end > held]

@@ -14,9 +14,9 @@ answer).
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from typing import Any, Literal
 from typing_extensions import Unpack
 
 from pccpu.engine import ContextSettings, ModelInfo, available_cores, parse_gpu_layers
-from pccpu.errors import BusyError, ConfigError, OptionError
+from pccpu.errors import ConfigError, OptionError
 from pccpu.pml import SchemaLayout, build_layout, parse_prompt, parse_schema, resolve_prompt
 from pccpu.service.answer import Answer
 from pccpu.service.answering import (
@@ -44,9 +44,11 @@ from pccpu.service.chat import (
     build_chunks,
     check_reuse,
     chunk_trace,
+    message_texts,
     text_chunks,
 )
 from pccpu.service.encoder import EncodeStats, ModuleEncoder, ProgressCallback
+from pccpu.service.lock import CacheLock
 from pccpu.service.options import GenerationKwargs, GenerationOptions, check_repair_tokens
 from pccpu.service.passes import ContextMode, cached_modules, check_mode, plan_passes
 from pccpu.service.prompt_builder import Selection, build_prompt_xml
@@ -59,6 +61,7 @@ from pccpu.service.schemas import SchemaRecord, SchemaRegistry
 from pccpu.service.session import Session
 from pccpu.service.sessions import SessionState, SessionStats, SessionTable
 from pccpu.service.turns import ends_user_turn, with_generation_prompt
+from pccpu.service.typeahead import DEFAULT_BATCH_TOKENS, Draft, TokenMemo, TypeAhead, check_draft_settings
 from pccpu.store import ModuleStore
 from pccpu.store.module_store import StoreStats, default_ram_budget
 
@@ -182,10 +185,13 @@ class PromptCache:
         self._filler = filler[0] if filler else 0
         opening = runtime.roles.generation_prompt  # the assistant's turn, opened after a user turn
         self._generation_prompt = tuple(runtime.model.tokenize(opening)) if opening else ()
-        self._lock = threading.Lock()
+        self._lock = CacheLock()
+        self._typeahead: TypeAhead | None = None  # started by the first draft()
 
     # -- lifecycle and what a caller may read ------------------------------------------------------------
     def close(self) -> None:
+        if self._typeahead is not None:
+            self._typeahead.stop()
         self._runtime.close()
 
     def __enter__(self) -> PromptCache:
@@ -236,8 +242,8 @@ class PromptCache:
         with self._exclusive():
             return self._store.clear(ram=ram, disk=disk)
 
-    def _exclusive(self) -> _Exclusive:
-        return _Exclusive(self._lock)
+    def _exclusive(self) -> AbstractContextManager[None]:
+        return self._lock.foreground()
 
     # -- schemas -----------------------------------------------------------------------------------------
     @property
@@ -341,6 +347,36 @@ class PromptCache:
 
         return Answer(lambda done: self._run_chat(chunks, state, cache, opts, done, compose=mode == "compose"))
 
+    def draft(self, messages: Sequence[Mapping[str, Any]] = (), *, session: Session | None = None,
+              reuse: ChatReuse | None = None, speculate_after_ms: float = 0.0,
+              batch_tokens: int = DEFAULT_BATCH_TOKENS) -> Draft:
+        """Type-ahead (``typeahead.py``): a user message typed after ``messages`` (the conversation so far) in
+        ``session`` (default: this cache's default session). Call ``type(text)`` on every keystroke with the whole
+        input, then ``submit()`` for the answer, ``chat(messages + [user: text])`` with what was decoded while typing
+        already in the session. ``speculate_after_ms``: how long the input must rest before the end of the turn is
+        decoded speculatively (0: at once, the lowest latency; more: less CPU spent on texts that change).
+        ``batch_tokens``: the most tokens of typed text decoded in one step."""
+        mode = self.chat_reuse if reuse is None else check_reuse(reuse)
+        check_draft_settings(speculate_after_ms, batch_tokens)
+        if not self._path.reuse_previous:
+            raise ConfigError("type-ahead keeps what it decodes in the session: it needs reuse_previous=True")
+        if messages:
+            message_texts(messages)  # checked now, not on the first keystroke
+        chosen = Session(self, self._default_session) if session is None else session
+        state = chosen._state_for(self)
+        self._sessions.check(state)
+        memo = TokenMemo(self._runtime.model.tokenize)
+
+        def build(conversation: Sequence[Mapping[str, Any]]) -> list[ChatChunk]:
+            return build_chunks(conversation, self._runtime, seed=self._encoder.seed, n_ctx=self.n_ctx,
+                                min_chunk_tokens=self._min_chunk_tokens, reuse=mode, tokenize=memo)
+
+        if self._typeahead is None:
+            self._typeahead = TypeAhead(self._lock, self._runtime, self._sessions, self._chat_path,
+                                        lambda: self.repair_tokens)
+        return self._typeahead.open(Draft(self._typeahead, chosen, state, messages, mode, build,
+                                          speculate_after_ms=speculate_after_ms, batch_tokens=batch_tokens))
+
     def complete(self, prompt: str, *, cache: bool = True, session: Session | Literal["auto"] | None = None,
                  options: GenerationOptions | None = None, **kwargs: Unpack[GenerationKwargs]) -> Answer:
         """Continue a raw text (no chat template, no schema): what ``/v1/completions`` serves. Nothing is stored;
@@ -410,18 +446,3 @@ class PromptCache:
 
             yield from self._path.run(state, prefill, PromptFacts.of(request), opts, started, clock, cache, done)
 
-
-class _Exclusive:
-    """One call at a time: a second caller gets a clear error instead of corrupting the shared context."""
-
-    def __init__(self, lock: threading.Lock) -> None:
-        self._lock = lock
-
-    def __enter__(self) -> None:
-        if not self._lock.acquire(blocking=False):
-            raise BusyError("this PromptCache is busy with another call, or an earlier answer is still being "
-                            "streamed: finish it (result()) or close() it first; from several threads, use one "
-                            "PromptCache per thread or serialize the calls (for example with a queue)")
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()

@@ -60,6 +60,11 @@ class CellTrace:
                          np.concatenate([self.values, np.asarray(tokens, dtype=np.int64)]),
                          np.concatenate([self.shifts, np.zeros(n, dtype=np.int64)]), self.first_composed)
 
+    def head(self, n: int) -> CellTrace:
+        """The first ``n`` cells."""
+        first = self.first_composed if self.composed_within(n) else -1
+        return CellTrace(self.positions[:n], self.states[:n], self.values[:n], self.shifts[:n], first)
+
     def composed_within(self, n: int) -> bool:
         """Whether any of the first ``n`` cells came from a composed state."""
         return 0 <= self.first_composed < n
@@ -112,7 +117,12 @@ def trace_plan(plan: PromptPlan, state_keys: dict[str, tuple[str, int]], ids: St
 
 def common_prefix(kept: CellTrace, new: CellTrace) -> int:
     """How many first cells of ``new`` the kept request already holds, leaving at least one to decode."""
-    n = min(len(kept), len(new) - 1)
+    return matching_cells(kept, new, limit=len(new) - 1)
+
+
+def matching_cells(kept: CellTrace, new: CellTrace, *, limit: int | None = None) -> int:
+    """How many first cells the two traces hold alike (at most ``limit``)."""
+    n = min(len(kept), len(new) if limit is None else limit)
     if n <= 0:
         return 0
     same = ((kept.positions[:n] == new.positions[:n]) & (kept.states[:n] == new.states[:n])

@@ -11,17 +11,20 @@ sessions can be open at once, and switching between them parks and brings back t
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Unpack
 
 from pccpu.errors import SessionError
 from pccpu.service.answer import Answer
+from pccpu.service.chat import ChatReuse
 from pccpu.service.options import GenerationKwargs, GenerationOptions
 from pccpu.service.prompt_builder import Selection
 from pccpu.service.request import Request
 from pccpu.service.sessions import SessionState
+from pccpu.service.typeahead import DEFAULT_BATCH_TOKENS, Draft
 
 if TYPE_CHECKING:
     from pccpu.service.prompt_cache import PromptCache
@@ -55,6 +58,12 @@ class Session:
                   **kwargs: Unpack[GenerationKwargs]) -> Answer:
         return self._cache.ask_parts(schema, modules, question, role=role, cache=cache, session=self,
                                      options=options, **kwargs)
+
+    def draft(self, messages: Sequence[Mapping[str, Any]] = (), *, reuse: ChatReuse | None = None,
+              speculate_after_ms: float = 0.0, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> Draft:
+        """``PromptCache.draft`` in this session: type-ahead of the next user message after ``messages``."""
+        return self._cache.draft(messages, session=self, reuse=reuse, speculate_after_ms=speculate_after_ms,
+                                 batch_tokens=batch_tokens)
 
     def close(self) -> None:
         """Forget this session's cells; asking in it afterwards is a SessionError."""

@@ -40,6 +40,9 @@ class SessionState:
     kept: CellTrace | None = None  # what its cells hold: in the request sequence when active, parked otherwise
     prompt_cells: int = 0  # of those, the last request's prompt (the rest is its answer)
     automatic: bool = False  # opened by ``continuation`` (a conversation found by content)
+    # the logits after ``kept``'s last cell, when type-ahead decoded it (typeahead.py): valid only while ``kept`` is
+    # that very trace, so a request whose prompt is exactly those cells needs no decode before its first token
+    ready: tuple[CellTrace, np.ndarray] | None = None
     closed: bool = False
     requests: int = 0
 
