@@ -401,3 +401,41 @@ def test_a_full_queue_is_a_429_with_retry_after(fake_cache: FakeCacheFactory, mo
     assert statuses == [200, 200, 429]
     refused = next(r for r in replies if r.status_code == 429)
     assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
+
+
+# -- type-ahead over HTTP ----------------------------------------------------------------------------------------
+def test_a_drafted_message_is_decoded_before_its_chat_request(served: RunningServer) -> None:
+    history = [{"role": "system", "content": "Answer from the document."}, {"role": "user", "content": DOC},
+               {"role": "assistant", "content": "Read."}]
+    question = "When does it close on Fridays?"
+    for i in range(1, len(question) + 1):
+        reply = httpx.post(f"{served.url}/v1/chat/drafts", timeout=60,
+                           json={"messages": history, "text": question[:i], "prompt_cache_key": "carol"})
+        assert reply.status_code == 202 and reply.json()["keystrokes"] >= 1
+    draft = next(iter(served.cache._typeahead.drafts))  # type: ignore[union-attr]  # the server's one draft
+    assert draft.wait(30)
+    client = served.client()
+    sent = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=4,
+                                          messages=[*history, {"role": "user", "content": question}],
+                                          extra_body={"prompt_cache_key": "carol"})
+    timings = (sent.model_extra or {})["timings"]
+    assert timings["prompt_n"] == 0  # nothing left to decode when it arrived
+    assert sent.usage.prompt_tokens_details.cached_tokens == sent.usage.prompt_tokens
+    plain = client.chat.completions.create(model=MODEL, temperature=0, max_tokens=4,
+                                           messages=[*history, {"role": "user", "content": question}],
+                                           extra_body={"prompt_cache_key": "dave"})
+    assert sent.choices[0].message.content == plain.choices[0].message.content
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"messages": [], "text": "hi"}, "prompt_cache_key"),
+    ({"messages": "x", "text": "hi", "prompt_cache_key": "k"}, "messages"),
+    ({"messages": [], "text": 3, "prompt_cache_key": "k"}, "text"),
+    ({"messages": [], "text": "hi", "prompt_cache_key": "k", "temperature": 0}, "temperature"),
+    ({"messages": [{"role": "robot", "content": "x"}], "text": "hi", "prompt_cache_key": "k"}, None),
+])
+def test_bad_drafts_are_400s(served: RunningServer, body: dict[str, Any], param: str | None) -> None:
+    reply = httpx.post(f"{served.url}/v1/chat/drafts", json=body, timeout=60)
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param

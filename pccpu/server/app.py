@@ -1,6 +1,7 @@
 """``pccpu serve``: an OpenAI-compatible HTTP server on one PromptCache.
 
 Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events ending with ``data: [DONE]``, or not),
+``POST /v1/chat/drafts`` (type-ahead: the message being typed in a conversation, decoded before it is sent),
 ``POST /v1/completions`` (a raw text prompt), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus
 text). Every message of a chat is a stored module (``PromptCache.chat``): a conversation continued in its next
 request reuses its cells, and any conversation that starts the same way, before or after a restart, restores what
@@ -41,11 +42,12 @@ from pccpu.server.openai_api import (
     finish_reason,
     parse_chat_request,
     parse_completion_request,
+    parse_draft_request,
     text_chunk,
     text_completion,
 )
 from pccpu.server.worker import END, Job, QueueFullError, Worker
-from pccpu.service import PromptCache, Result, Session
+from pccpu.service import Draft, PromptCache, Result, Session
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
     worker = Worker(cache, max_queue=settings.max_queue)
     queues: dict[int, asyncio.Queue[Any]] = {}  # job id -> where its items arrive
     conversations = Conversations(settings.max_conversations)
+    drafts: OrderedDict[str, Draft] = OrderedDict()  # conversation key -> the message typed in it (event loop only)
     metrics = Metrics()
 
     def refuse(exc: RequestError) -> JSONResponse:
@@ -156,13 +159,47 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
         return item
 
     def job_for(parsed: ChatRequest) -> Job:
+        draft = drafts.pop(parsed.conversation, None) if parsed.conversation is not None else None
+
         def start(pc: PromptCache) -> Any:
             session = conversations.get(pc, parsed.conversation)
             if isinstance(parsed.messages, str):
+                if draft is not None:
+                    draft.close()
                 return pc.complete(parsed.messages, session=session, options=parsed.options)
+            if draft is not None:
+                last = parsed.messages[-1]
+                if parsed.messages[:-1] == draft.messages and last.get("role") == "user" \
+                        and isinstance(last.get("content"), str) and (parsed.reuse or pc.chat_reuse) == draft.reuse:
+                    return draft.submit(last["content"], options=parsed.options)  # what was typed is decoded
+                draft.close()
             return pc.chat(parsed.messages, session=session, reuse=parsed.reuse, options=parsed.options)
 
         return new_job(start)
+
+    async def draft_message(request: Request) -> Response:
+        """``POST /v1/chat/drafts``: the message being typed in a conversation, sent again on every keystroke (or
+        every few); decoded while it is typed, so the chat completion that sends it starts at once."""
+        try:
+            parsed = parse_draft_request(await checked_body(request))
+            key = parsed.conversation
+            draft = drafts.get(key)
+            if draft is None or draft.messages != parsed.messages or draft.reuse != (parsed.reuse or cache.chat_reuse):
+                if draft is not None:
+                    draft.close()
+                draft = await run_plain(lambda pc: pc.draft(parsed.messages, session=conversations.keyed(pc, key),
+                                                             reuse=parsed.reuse))
+                drafts[key] = draft
+                while len(drafts) > settings.max_conversations:
+                    drafts.popitem(last=False)[1].close()
+            drafts.move_to_end(key)
+            draft.type(parsed.text)
+        except RequestError as exc:
+            return refuse(exc)
+        except PccpuError as exc:
+            return refuse(as_request_error(exc))
+        return JSONResponse({"object": "chat.draft", "prompt_cache_key": key, "keystrokes": draft.stats.keystrokes,
+                             "decoded_tokens": draft.stats.decoded_tokens}, status_code=202)
 
     async def answer(request: Request, text: bool) -> Response:
         """``/v1/chat/completions`` (``text=False``) and ``/v1/completions`` (``text=True``)."""
@@ -332,6 +369,7 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
 
     return Starlette(routes=[
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/chat/drafts", draft_message, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/pml/schemas", pml_add_schema, methods=["POST"]),

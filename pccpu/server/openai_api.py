@@ -142,6 +142,46 @@ def _parse(body: Any, model_id: str, *, max_new_tokens: int, messages_required: 
     return ChatRequest(messages, options, stream, include_usage, conversation, reuse)
 
 
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """``POST /v1/chat/drafts``: the user message being typed (``text``) after ``messages``, in a named
+    conversation; the chat completion that sends it later (the same key, ``messages + [user: text]``) finds it
+    decoded (type-ahead, ``pccpu.service.typeahead``)."""
+
+    messages: list[dict[str, Any]]
+    text: str
+    conversation: str
+    reuse: ChatReuse | None = None
+
+
+def parse_draft_request(body: Any) -> DraftRequest:
+    if not isinstance(body, Mapping):
+        raise RequestError("the request body must be a JSON object")
+    unknown = sorted(set(body) - {"messages", "text", "prompt_cache_key", "user", "pccpu"})
+    if unknown:
+        raise RequestError(f"unknown parameter {unknown[0]!r}; a draft takes messages, text, prompt_cache_key (or "
+                           "user) and pccpu.reuse", param=unknown[0])
+    messages = body.get("messages", [])
+    if not isinstance(messages, list):
+        raise RequestError("messages must be the conversation before the message being typed (a list)",
+                           param="messages")
+    text = body.get("text")
+    if not isinstance(text, str):
+        raise RequestError("text must be the whole message typed so far (a string)", param="text")
+    conversation = body.get("prompt_cache_key") or body.get("user")
+    if not isinstance(conversation, str) or not conversation:
+        raise RequestError("a draft needs its conversation's prompt_cache_key (or user): the chat request that "
+                           "sends the message names the same key", param="prompt_cache_key")
+    extension = body.get("pccpu") or {}
+    if not isinstance(extension, Mapping) or set(extension) - {"reuse"}:
+        raise RequestError('pccpu must be an object with "reuse" ("exact" or "compose")', param="pccpu")
+    reuse = extension.get("reuse")
+    if reuse is not None and reuse not in CHAT_REUSE:
+        raise RequestError(f'pccpu.reuse must be "exact" or "compose", got {reuse!r}', param="pccpu.reuse")
+    return DraftRequest(messages, text, conversation, reuse)
+
+
 def _typed(body: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
     value = body.get(name, default)
     if value is None:

@@ -87,6 +87,8 @@ class TypingStats:
     discarded_ms: float = 0.0  # their decode time, and that of interrupted decodes: CPU spent for nothing
     interrupted: int = 0  # decodes stopped by a keystroke or another call
     max_type_ms: float = 0.0  # the longest a type() call took (it never waits for a decode)
+    speculated_tokens: int = 0  # the last speculation of a turn's ending: its tokens and decode time
+    speculation_ms: float = 0.0
     ready: bool = False  # at submit: the logits after the whole prompt were ready (nothing left to decode)
     held_tokens: int = 0  # at submit: the prompt's cells the session held, of ``prompt_tokens``
     prompt_tokens: int = 0
@@ -457,6 +459,7 @@ class TypeAhead:
         state.prompt_cells = len(state.kept)
         if speculative and logits is not None:
             state.ready = (state.kept, logits)
+            draft.stats.speculated_tokens, draft.stats.speculation_ms = len(tokens), elapsed
         per_token = elapsed / len(tokens)
         draft.costs.update({p: per_token for p in range(start, end)})
         draft.stats.decoded_tokens += len(tokens)
