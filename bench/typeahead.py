@@ -80,13 +80,13 @@ def type_question(draft: Any, question: str, cps: float, rng: random.Random) -> 
     lateness = 0.0
     due = time.perf_counter()
     for i in range(1, len(question) + 1):
-        now = time.perf_counter()
-        lateness = max(lateness, (now - due) * 1000)
+        if i > 1:  # the wait before each key but the first; none after the last (the pause is the caller's)
+            due += rng.uniform(0.7, 1.3) / cps
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        lateness = max(lateness, (time.perf_counter() - due) * 1000)
         draft.type(question[:i])
-        due += rng.uniform(0.7, 1.3) / cps
-        delay = due - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
     return lateness
 
 

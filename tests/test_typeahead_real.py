@@ -101,3 +101,21 @@ def test_interrupt_stops_a_running_decode_and_leaves_the_sequence_as_it_was(pc: 
         context.decode(tokens, seq_id=0, start=0, logits="none")  # the flag was cleared: this one runs through
         assert context.seq_pos_max(0) == len(tokens) - 1
         context.seq_rm(0)
+
+
+def test_the_typist_benchmark_runs_and_its_answers_equal_plain_chats(tmp_path: Path, default_model_path: Path) -> None:
+    import json
+
+    from pccpu.bench.typeahead import main
+
+    main(["--model", str(default_model_path), "--sizes", "256", "--questions", "1", "--cps", "40", "--pause-ms", "50",
+          "--max-tokens", "4", "--out", str(tmp_path)])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    rows = {r["system"]: r for r in summary["rows"]}
+    assert set(rows) == {"plain", "typed-pause", "typed-no-pause"}
+    assert all(r["same_answers"] == r["n"] == 1 for r in rows.values())  # SmolLM2: bit-identical
+    assert rows["plain"]["decoded_after_enter_p50"] > 10  # the question and the turn, decoded after Enter
+    assert rows["typed-pause"]["worker_ms_p50"] > 0 and rows["typed-pause"]["speculated_tokens_p50"] >= 2
+    trials = (tmp_path / "trials.jsonl").read_text().splitlines()
+    assert len(trials) == 3
+    assert "typing + 50 ms" in (tmp_path / "summary.md").read_text()

@@ -35,6 +35,7 @@ def _register() -> None:
     from pccpu.cli import ask as ask_cli
     from pccpu.cli import bench as bench_cli
     from pccpu.cli import cache as cache_cli
+    from pccpu.cli import chat as chat_cli
     from pccpu.cli import demo as demo_cli
     from pccpu.cli import models as models_cli
     from pccpu.cli import schema as schema_cli
@@ -46,6 +47,7 @@ def _register() -> None:
     main.add_command(ask_cli.encode)
     main.add_command(ask_cli.ask)
     main.add_command(cache_cli.cache)
+    main.add_command(chat_cli.chat)
     main.add_command(demo_cli.demo)
     main.add_command(serve_cli.serve)
 

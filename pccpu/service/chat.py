@@ -145,7 +145,7 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
     total = sum(len(t) for _, t in token_lists)
     if total > n_ctx - 1:
         raise LayoutOverflowError(f"the conversation is {total} tokens, more than the context of n_ctx={n_ctx} "
-                                  "leaves room for (shorten it, or start the server with a larger --n-ctx)")
+                                  "leaves room for (shorten it, or use a larger n_ctx: --n-ctx on the command line)")
     # the assistant's opening is decoded every time (a short last message merges into it)
     tail = 1 if add_generation_prompt else 0
     chunks: list[ChatChunk] = []

@@ -337,13 +337,19 @@ class PromptCache:
         ``session="auto"``: the conversation is found by content, for clients that name none: the automatic
         session whose last prompt this one continues, else a new one (at most ``auto_sessions`` of them)."""
         opts = GenerationOptions.from_kwargs(kwargs, options)
-        mode = self.chat_reuse if reuse is None else check_reuse(reuse)
+        return self._chat(messages, cache, session, check_reuse(self.chat_reuse if reuse is None else reuse), opts)
+
+    def _chat(self, messages: Sequence[Mapping[str, Any]], cache: bool, session: Session | Literal["auto"] | None,
+              mode: ChatReuse, opts: GenerationOptions,
+              tokenize: Callable[[str], list[int]] | None = None) -> Answer:
+        """``chat()`` with its options checked; ``tokenize``: a draft's memo of the tokenizer (the conversation
+        before a typed message is not tokenized again when it is sent)."""
         state = self._chat_session(session)
 
         def chunks() -> list[ChatChunk]:
             return build_chunks(messages, self._runtime, seed=self._encoder.seed, n_ctx=self.n_ctx,
                                 add_generation_prompt=opts.add_generation_prompt is not False,
-                                min_chunk_tokens=self._min_chunk_tokens, reuse=mode)
+                                min_chunk_tokens=self._min_chunk_tokens, reuse=mode, tokenize=tokenize)
 
         return Answer(lambda done: self._run_chat(chunks, state, cache, opts, done, compose=mode == "compose"))
 
@@ -374,7 +380,7 @@ class PromptCache:
         if self._typeahead is None:
             self._typeahead = TypeAhead(self._lock, self._runtime, self._sessions, self._chat_path,
                                         lambda: self.repair_tokens)
-        return self._typeahead.open(Draft(self._typeahead, chosen, state, messages, mode, build,
+        return self._typeahead.open(Draft(self._typeahead, chosen, state, messages, mode, build, memo,
                                           speculate_after_ms=speculate_after_ms, batch_tokens=batch_tokens))
 
     def complete(self, prompt: str, *, cache: bool = True, session: Session | Literal["auto"] | None = None,

@@ -125,14 +125,15 @@ class Draft:
     """A user message being typed in a session's conversation (see the module docstring)."""
 
     def __init__(self, worker: TypeAhead, session: Session, state: SessionState,
-                 messages: Sequence[Mapping[str, Any]], reuse: ChatReuse, build: BuildChunks, *,
-                 speculate_after_ms: float, batch_tokens: int) -> None:
+                 messages: Sequence[Mapping[str, Any]], reuse: ChatReuse, build: BuildChunks,
+                 tokenize: Callable[[str], list[int]], *, speculate_after_ms: float, batch_tokens: int) -> None:
         self._worker = worker
         self._session = session
         self.state = state
         self.messages = list(messages)
         self.reuse: ChatReuse = reuse
         self._build = build
+        self._tokenize = tokenize  # the memo ``build`` uses: submit() tokenizes with it too
         self.speculate_after_s = speculate_after_ms / 1000
         self.batch_tokens = batch_tokens
         self.stats = TypingStats()
@@ -164,10 +165,10 @@ class Draft:
         final = self.text if text is None else text
         if not isinstance(final, str):
             raise OptionError(f"submit() takes the message as a string, got {type(final).__name__}")
+        opts = GenerationOptions.from_kwargs(kwargs, options)
         self._worker.submit(self, final)
         messages = [*self.messages, {"role": "user", "content": final}]
-        return self._session._cache.chat(messages, session=self._session, reuse=self.reuse, options=options,
-                                         **kwargs)
+        return self._session._cache._chat(messages, True, self._session, self.reuse, opts, self._tokenize)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until type-ahead has done all it can for the current text (True), or ``timeout`` seconds passed
@@ -382,7 +383,9 @@ class TypeAhead:
         kept = state.kept
         held = matching_cells(kept, trace) if kept is not None else 0
         context = self.runtime.context
-        if kept is not None and held < len(kept):  # an edit, or an ending of another text: from there on it goes
+        if kept is None:  # the session holds nothing: make sure its sequence is empty too
+            context.seq_rm(REQUEST_SEQ)
+        elif held < len(kept):  # an edit, or an ending of another text: from there on it goes
             context.seq_rm(REQUEST_SEQ, held, -1)
             with self.lock.cond:
                 self._discard(draft, held)
