@@ -110,7 +110,7 @@ def test_speculation_makes_enter_free_and_a_keystroke_interrupts_it(fake_cache: 
         draft.type("When does it open")
         assert draft.wait(10)
         pc._runtime.context.seconds_per_token = 0.02  # a speculation of ~10 tokens takes 0.2 s
-        draft.type("When does it open on")
+        draft.type("When does it open?")  # punctuation: decoded with the turn's ending, speculatively
         time.sleep(0.05)  # the speculation of this text is running
         draft.type("When does it open on Sundays?")
         assert draft.wait(20)

@@ -115,7 +115,7 @@ def test_the_typist_benchmark_runs_and_its_answers_equal_plain_chats(tmp_path: P
     assert set(rows) == {"plain", "typed-pause", "typed-no-pause"}
     assert all(r["same_answers"] == r["n"] == 1 for r in rows.values())  # SmolLM2: bit-identical
     assert rows["plain"]["decoded_after_enter_p50"] > 10  # the question and the turn, decoded after Enter
-    assert rows["typed-pause"]["worker_ms_p50"] > 0 and rows["typed-pause"]["speculated_tokens_p50"] >= 2
+    assert rows["typed-pause"]["worker_ms_p50"] > 0  # the worker decoded while the question was typed
     trials = (tmp_path / "trials.jsonl").read_text().splitlines()
     assert len(trials) == 3
     assert "typing + 50 ms" in (tmp_path / "summary.md").read_text()

@@ -103,6 +103,7 @@ class _Target:
     trace: CellTrace
     stable: int  # its first ``stable`` tokens do not change when more is typed at the end
     whole: int  # the end of the last whole chunk within them (the conversation before the text)
+    text_end: int  # where the text's own tokens end (the end of the user's turn follows)
 
 
 class TokenMemo:
@@ -197,12 +198,11 @@ class Draft:
         chunks = self._build([*self.messages, {"role": "user", "content": text}])
         trace = chunk_trace(chunks)
         cut = text[:_LAST_WORD.search(text).start()]  # type: ignore[union-attr]  # always matches
-        stable = len(trace)
-        for other in (cut, text + _PROBE):
-            stable = min(stable, matching_cells(trace, chunk_trace(
-                self._build([*self.messages, {"role": "user", "content": other}]))))
+        before_last_word, text_end = (matching_cells(trace, chunk_trace(
+            self._build([*self.messages, {"role": "user", "content": other}]))) for other in (cut, text + _PROBE))
+        stable = min(before_last_word, text_end)
         whole = max((c.end for c in chunks if c.end <= stable), default=0)
-        self._target = _Target(text, chunks, trace, stable, whole)
+        self._target = _Target(text, chunks, trace, stable, whole, max(text_end, stable))
         return self._target
 
 
@@ -403,14 +403,36 @@ class TypeAhead:
         idle_until = draft.typed_at + draft.speculate_after_s
         if time.monotonic() < idle_until:
             return idle_until
-        if len(trace) - held < MIN_BATCH:  # too few left (or held without the logits): decode the last again
-            held = max(len(trace) - MIN_BATCH, 0)
-            context.seq_rm(REQUEST_SEQ, held, -1)
-            with self.lock.cond:
-                self._discard(draft, held)
-            state.kept = kept.head(held) if kept is not None else None
-        self._decode(step, held, len(trace), speculative=True)
+        if self._word_first(target, held):  # the last word on its own: punctuation typed next finds it decoded
+            start = self._back_up(draft, kept, held, target.text_end)
+            self._decode(step, start, target.text_end, speculative=False)
+            return True
+        start = self._back_up(draft, kept, held, len(trace))
+        self._decode(step, start, len(trace), speculative=True)
         return True
+
+    def _word_first(self, target: _Target, held: int) -> bool:
+        """Whether the last word's tokens (``held`` up to the end of the text) are decoded before the turn's ending,
+        in a batch of their own: yes, unless they are punctuation alone, most often the last key of a question
+        (then it goes with the ending, one batch: the fewest tokens after the last key)."""
+        n = target.text_end - held
+        if n <= 0 or len(target.trace) - target.text_end < MIN_BATCH:
+            return False
+        if n == 1:
+            piece = self.runtime.model.detokenize([int(target.trace.values[held])]).strip()
+            return bool(piece) and any(c.isalnum() for c in piece)
+        return True
+
+    def _back_up(self, draft: Draft, kept: CellTrace | None, held: int, end: int) -> int:
+        """Make the batch ``[start, end)`` at least MIN_BATCH tokens long by removing held cells before it (they are
+        decoded again, the same tokens at the same positions); its start."""
+        start = min(held, max(end - MIN_BATCH, 0))
+        if start < held:
+            self.runtime.context.seq_rm(REQUEST_SEQ, start, -1)
+            with self.lock.cond:
+                self._discard(draft, start)
+            draft.state.kept = kept.head(start) if kept is not None else None
+        return start
 
     def _prefill_whole(self, draft: Draft, target: _Target) -> None:
         """Bring the whole chunks before the text into the session (held, restored or decoded: the chat path)."""
