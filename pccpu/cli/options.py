@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 def cache_options(func: Callable[..., Any] | None = None, *,
                   default_model: str | None = None) -> Callable[..., Any]:
-    """--model, --n-ctx, --threads, --mode, --roles, --namespace, --no-persist, --kv-type, and GPU offload:
+    """--model, --n-ctx, --threads, --mode, --roles, --namespace, --no-persist, --store-url, --kv-type, and GPU offload:
     --gpu-layers, --kv-on-cpu, --resident-mb. ``@cache_options`` or ``@cache_options(default_model=NAME)``."""
     if func is None:
         return functools.partial(cache_options, default_model=default_model)
@@ -39,6 +39,9 @@ def cache_options(func: Callable[..., Any] | None = None, *,
                      help="KV cache element type (K and V); q8_0 halves module memory and turns flash attention on."),
         click.option("--namespace", default="default", show_default=True, help="Store namespace (tenant)."),
         click.option("--no-persist", is_flag=True, help="Keep module states in RAM only (no disk tier)."),
+        click.option("--store-url", envvar="PCCPU_STORE_URL", default=None, metavar="redis://HOST:PORT/DB",
+                     help="A Redis (or Valkey) server shared by several machines: a remote tier behind RAM and disk, "
+                          "each module encoded once per fleet (see docs/remote-store.md). Env: PCCPU_STORE_URL."),
         click.option("--gpu-layers", default="none", show_default=True, envvar="PCCPU_GPU_LAYERS",
                      help="Layers to offload to the GPU: all, none or a number (needs the CUDA build, see README). "
                           "Env: PCCPU_GPU_LAYERS."),
@@ -58,7 +61,7 @@ def cache_options(func: Callable[..., Any] | None = None, *,
 def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: str, roles: str, kv_type: str,
                       namespace: str, no_persist: bool, gpu_layers: str, kv_on_cpu: bool, resident_mb: int,
                       repair_tokens: int = DEFAULT_REPAIR_TOKENS, reuse_previous: bool = True,
-                      chat_reuse: str = "exact") -> PromptCache:
+                      chat_reuse: str = "exact", store_url: str | None = None) -> PromptCache:
     from pccpu.engine import parse_gpu_layers
     from pccpu.service import PromptCache
 
@@ -67,5 +70,6 @@ def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: 
     flash_attn = True if kv_type != "f16" else None
     return PromptCache(model, n_ctx=n_ctx, n_threads=threads, mode=mode, roles=roles, type_k=kv_type,
                        type_v=kv_type, flash_attn=flash_attn, namespace=namespace, persist=not no_persist,
+                       store_url=store_url or None,
                        n_gpu_layers=n_gpu_layers, offload_kqv=not kv_on_cpu, resident_budget=resident_mb << 20,
                        repair_tokens=repair_tokens, reuse_previous=reuse_previous, chat_reuse=chat_reuse)

@@ -43,4 +43,18 @@ class Metrics:
             "# TYPE pccpu_session_bytes gauge", f"pccpu_session_bytes {stats.sessions.parked_bytes}",
             "# TYPE pccpu_queue_depth gauge", f"pccpu_queue_depth {queued}",
         ]
+        store = stats.store
+        if store.remote_url is not None:  # a remote tier shared by a fleet (docs/remote-store.md)
+            lines += [
+                "# TYPE pccpu_remote_up gauge", f"pccpu_remote_up {int(store.remote_available)}",
+                "# TYPE pccpu_remote_lookups_total counter",
+                f'pccpu_remote_lookups_total{{result="hit"}} {store.remote_hits}',
+                f'pccpu_remote_lookups_total{{result="miss"}} {store.remote_misses}',
+                f'pccpu_remote_lookups_total{{result="corrupt"}} {store.remote_corrupt}',
+                "# TYPE pccpu_remote_bytes_total counter",
+                f'pccpu_remote_bytes_total{{direction="read"}} {store.remote_bytes_read}',
+                f'pccpu_remote_bytes_total{{direction="written"}} {store.remote_bytes_written}',
+                "# TYPE pccpu_remote_errors_total counter", f"pccpu_remote_errors_total {store.remote_errors}",
+                "# TYPE pccpu_fleet_waits_total counter", f"pccpu_fleet_waits_total {store.fleet_waits}",
+            ]
         return "\n".join(lines) + "\n"

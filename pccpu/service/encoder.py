@@ -9,6 +9,7 @@ pass) is decoded at ``pos_max + 1`` (llama.cpp's rule) and then shifted to its s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -121,7 +122,8 @@ class ModuleEncoder:
     Encoding starts from a cleared KV cache, as everywhere: the active session is parked first (its cells come back
     with its next request) and resident runs are dropped (cells placed around them would give slightly other states
     under the same key). Processes sharing a store take turns (its inter-process lock), and the second finds the
-    states the first wrote instead of writing them again.
+    states the first wrote instead of writing them again; machines sharing a remote tier take a lease per module
+    (``store/fleet.py``), so each module is encoded once per fleet.
     """
 
     def __init__(self, runtime: Runtime, store: ModuleStore, mode: ContextMode, sessions: SessionTable,
@@ -170,24 +172,43 @@ class ModuleEncoder:
         with self._store.exclusive():
             # another process may have encoded them while this one waited for the lock
             missing = list(paths) if force else [p for p in paths if not self.stored(record, p)]
-            indices = sorted({record.modules[p].pass_index for p in missing})
-            if not indices:
-                return 0
-            self._sessions.park_active()
-            self._residents.clear()
-            total = sum(len(record.passes[i].cells) for i in indices)
-            done = 0
-            for i in indices:
-                encoded = encode_pass(self._runtime.context, record.passes[i], work_seq=self._work_seq,
-                                      save_seq=self._save_seq, stats=self.stats, progress=progress, done_before=done,
-                                      total=total)
-                done += len(record.passes[i].cells)
-                for module in encoded:
-                    meta = EntryMeta(schema=record.name, module=module.cells.path, mode=self._mode,
-                                     ranges=module.cells.ranges, run_bytes=module.run_bytes, model=self._model_fp,
-                                     state=self._state_fp, model_file=self._runtime.model.path.name,
-                                     created=time.time())
-                    self._store.save(StoredModule(record.modules[module.cells.path].key, module.state, meta))
-        logger.info("encoded %d module(s) of %r in %d pass(es): %d tokens at %.0f tokens/s", len(missing),
+            by_key: dict[EntryKey, list[str]] = {}
+            by_pass: dict[int, list[EntryKey]] = {}
+            for path in missing:
+                module = record.modules[path]
+                by_key.setdefault(module.key, []).append(path)
+                by_pass.setdefault(module.pass_index, []).append(module.key)
+            passes = 0
+            # with a remote tier, in turns: the modules this process holds the lease of; others are waited for
+            groups = [by_pass[i] for i in sorted(by_pass)]
+            with contextlib.closing(self._store.encode_turns(groups, self._readable)) as turns:
+                for turn in turns:
+                    passes += self._encode(record, [p for key in turn for p in by_key[key]], progress)
+        return passes
+
+    def _readable(self, key: EntryKey) -> bool:
+        return self._store.lookup(key, self.expect) is not None
+
+    def _encode(self, record: SchemaRecord, paths: list[str], progress: ProgressCallback | None) -> int:
+        """Run the passes that encode ``paths`` and save their modules; the number of passes."""
+        indices = sorted({record.modules[p].pass_index for p in paths})
+        if not indices:
+            return 0
+        self._sessions.park_active()
+        self._residents.clear()
+        total = sum(len(record.passes[i].cells) for i in indices)
+        done = 0
+        for i in indices:
+            encoded = encode_pass(self._runtime.context, record.passes[i], work_seq=self._work_seq,
+                                  save_seq=self._save_seq, stats=self.stats, progress=progress, done_before=done,
+                                  total=total)
+            done += len(record.passes[i].cells)
+            for module in encoded:
+                meta = EntryMeta(schema=record.name, module=module.cells.path, mode=self._mode,
+                                 ranges=module.cells.ranges, run_bytes=module.run_bytes, model=self._model_fp,
+                                 state=self._state_fp, model_file=self._runtime.model.path.name,
+                                 created=time.time())
+                self._store.save(StoredModule(record.modules[module.cells.path].key, module.state, meta))
+        logger.info("encoded %d module(s) of %r in %d pass(es): %d tokens at %.0f tokens/s", len(paths),
                     record.name, len(indices), total, self.stats.tokens_per_second)
         return len(indices)

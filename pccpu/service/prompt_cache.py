@@ -99,6 +99,7 @@ class PromptCache:
         ram_budget: int | None = None,
         disk_budget: int | None = None,
         persist: bool = True,
+        store_url: str | None = None,
         n_gpu_layers: int | str = 0,
         offload_kqv: bool = True,
         resident_budget: int = 0,
@@ -121,6 +122,8 @@ class PromptCache:
         instead of restored (``service/repair.py``; a request's ``repair_tokens`` option overrides it).
         ``chat_reuse``: how ``chat()`` reuses stored messages by default, ``"exact"`` (only after the same
         conversation prefix: the full prefill's answer) or ``"compose"`` (wherever they appear, repaired).
+        ``store_url``: a Redis server (``redis://HOST:PORT/DB``) that several machines share as a remote tier behind
+        RAM and disk; each module is encoded once per fleet (see docs/remote-store.md).
         ``runtime``: an opened model and context to use instead of ``model`` and the engine settings (tests pass a
         fake engine here).
         """
@@ -158,7 +161,7 @@ class PromptCache:
         self.n_ctx = runtime.n_ctx  # the longest prompt plus answer; the context has extra cells for resident runs
         try:
             self._store = ModuleStore(directory=store_dir, namespace=namespace, ram_budget=ram_budget,
-                                      disk_budget=disk_budget, persist=persist)
+                                      disk_budget=disk_budget, persist=persist, remote_url=store_url)
         except BaseException:
             runtime.close()
             raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Source = Literal["ram", "disk", "encoded", "uncached"]
+Source = Literal["ram", "disk", "remote", "encoded", "uncached"]
 
 
 @dataclass(frozen=True)
@@ -13,7 +13,7 @@ class ModuleUse:
     """How one included module was served."""
 
     module: str  # path in the schema ("" is the schema's own text)
-    source: Source  # ram / disk: a stored state; encoded: encoded for this prompt; uncached: cache="false"
+    source: Source  # ram / disk / remote: a stored state; encoded: encoded for this prompt; uncached: cache="false"
     tokens: int
     state_bytes: int = 0
     shifted: bool = False  # found at another start position and moved
@@ -63,7 +63,7 @@ class Result:
 
     @property
     def hits(self) -> int:
-        return sum(1 for m in self.modules if m.source in ("ram", "disk"))
+        return sum(1 for m in self.modules if m.source in ("ram", "disk", "remote"))
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

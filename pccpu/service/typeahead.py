@@ -15,8 +15,9 @@ the user's turn with the text, the assistant's opening):
 2. the text's *stable* tokens, ``batch_tokens`` at a time: those that more typing at the end cannot change. The last
    word is kept back (letters added to it retokenize it), which is found by comparing the prompt with the text, with
    the text less its last word, and with the text plus a probe word; the longest prefix the three share is stable;
-3. the rest (the last word, the end of the user's turn, the assistant's opening) *speculatively*, once the input has
-   been idle ``speculate_after_ms`` (default 0: at once), with the logits of the last token kept: if Enter comes on
+3. once the input has been idle ``speculate_after_ms`` (default 0: at once), the last word in a batch of its own (so
+   that punctuation typed after it finds it decoded; punctuation alone goes with the ending), then the end of the
+   user's turn and the assistant's opening *speculatively*, with the logits of the last token kept: if Enter comes on
    that text, the first token is sampled from them and nothing is decoded after Enter.
 
 Every step compares the session's cells with the current prompt, cell by cell, and removes (``seq_rm``) everything
@@ -29,7 +30,8 @@ there.
 **Threading rules.** One llama.cpp context serves everything, one thread at a time (``lock.py``): a foreground call
 (``ask``, ``chat``, ``submit``'s answer) holds it for its whole run; the worker takes it only when nobody holds or
 waits for it, and gives it back after each step. ``type()`` never touches the context: it records the text under the
-lock's condition (microseconds) and, when the worker is speculating on an older text, interrupts that decode.
+lock's condition (microseconds) and interrupts the worker's decode when the new text makes it useless: a speculated
+ending of an older text, or a last word that changed (not when punctuation or a space follows it).
 Interrupting is llama.cpp's abort callback (``LlamaContext.interrupt``), a C function reading one byte, so llama.cpp's
 compute threads never take Python's GIL; ``llama_decode`` runs without the GIL (ctypes releases it), so the UI thread
 runs while the worker decodes, and a keystroke never waits for a decode. A foreground call that finds the worker
@@ -212,7 +214,19 @@ class _Step:
 
     draft: Draft
     text: str
-    speculative: bool = False
+    speculative: bool = False  # the turn's ending: stale as soon as the text changes
+    word: bool = False  # the last word: stale when the word changes, not when punctuation or a space follows it
+
+    def stale_for(self, draft: Draft, text: str) -> bool:
+        """Whether this step's decode is of no use once ``draft`` reads ``text``."""
+        if self.draft is not draft:
+            return self.speculative
+        if text == self.text:
+            return False
+        if self.speculative:
+            return True
+        added = text[len(self.text):] if text.startswith(self.text) else None
+        return self.word and (added is None or any(c.isalnum() for c in added))
 
 
 @dataclass
@@ -258,8 +272,8 @@ class TypeAhead:
             self.drafts.remove(draft)
             self.drafts.append(draft)
             step = self.current
-            if step is not None and step.speculative and (step.draft is not draft or step.text != text):
-                self.runtime.context.interrupt()  # its ending is not this text's
+            if step is not None and step.stale_for(draft, text):
+                self.runtime.context.interrupt()  # an ending, or a last word, that is not this text's
             self.lock.cond.notify_all()
 
     def submit(self, draft: Draft, text: str) -> None:
@@ -405,7 +419,7 @@ class TypeAhead:
             return idle_until
         if self._word_first(target, held):  # the last word on its own: punctuation typed next finds it decoded
             start = self._back_up(draft, kept, held, target.text_end)
-            self._decode(step, start, target.text_end, speculative=False)
+            self._decode(step, start, target.text_end, speculative=False, word=True)
             return True
         start = self._back_up(draft, kept, held, len(trace))
         self._decode(step, start, len(trace), speculative=True)
@@ -461,16 +475,17 @@ class TypeAhead:
         draft.stats.decoded_tokens += len(trace) - prefill.session_tokens - prefill.cached_tokens
         draft.stats.decode_ms += (time.perf_counter() - started) * 1000
 
-    def _decode(self, step: _Step, start: int, end: int, *, speculative: bool) -> None:
-        """Decode the target's tokens [start, end) after the session's cells; a speculation keeps the last logits."""
+    def _decode(self, step: _Step, start: int, end: int, *, speculative: bool, word: bool = False) -> None:
+        """Decode the target's tokens [start, end) after the session's cells; a speculation keeps the last logits.
+        A speculation (or the last word's batch) is interrupted by a key that makes it stale (``_Step.stale_for``)."""
         draft = step.draft
         state = draft.state
         tokens = draft.target(step.text).trace.values[start:end].tolist()
-        if speculative:
+        if speculative or word:
             with self.lock.cond:
-                if draft.text != step.text:  # typed meanwhile: this ending is already stale
+                step.speculative, step.word = speculative, word
+                if step.stale_for(draft, draft.text):  # typed meanwhile: already stale
                     return
-                step.speculative = True
         started = time.perf_counter()
         try:
             logits = self.runtime.context.decode(tokens, seq_id=REQUEST_SEQ, start=start,

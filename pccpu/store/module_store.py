@@ -1,14 +1,18 @@
-"""The module store: a RAM tier in front of a persistent disk tier, both keyed exactly (see ``keys.py``)."""
+"""The module store: a RAM tier in front of a persistent disk tier, both keyed exactly (see ``keys.py``), and
+optionally a remote tier that many machines share (``remote.py``): a lookup goes RAM -> disk -> remote, and a
+remote hit is kept on local disk and in RAM."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import shutil
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import psutil
 
 from pccpu.errors import ConfigError, CorruptEntryError, StoreError
@@ -18,9 +22,13 @@ from pccpu.store.entry import EntryMeta, StoredModule
 from pccpu.store.keys import NAMESPACE_PATTERN, EntryKey
 from pccpu.store.ram import RamTier
 
+if TYPE_CHECKING:
+    from pccpu.store.remote import RemoteTier
+
 logger = logging.getLogger(__name__)
 
-Tier = Literal["ram", "disk"]
+# where a hit came from (a remote hit is on local disk too by the time it is returned)
+Tier = Literal["ram", "disk", "remote"]
 
 
 def default_ram_budget() -> int:
@@ -52,6 +60,17 @@ class StoreStats:
     disk_bytes: int
     disk_budget_bytes: int
     disk_write_errors: int
+    remote_url: str | None = None  # None without a remote tier; credentials left out
+    remote_available: bool = False  # False while its circuit breaker is open (the server is down or slow)
+    remote_hits: int = 0
+    remote_misses: int = 0  # absent, evicted or damaged
+    remote_evicted: int = 0  # entries the server evicted in part: normal misses
+    remote_corrupt: int = 0  # damaged entries (checksums): misses, deleted from the server
+    remote_bytes_read: int = 0
+    remote_writes: int = 0
+    remote_bytes_written: int = 0
+    remote_errors: int = 0  # calls that failed (unreachable, timed out) or that the server refused
+    fleet_waits: int = 0  # modules another machine encoded while this process waited for them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +89,9 @@ class Hit:
 class ModuleStore:
     """Module states in RAM (LRU under a byte budget, with pinning) and on disk (LRU under its own budget).
 
-    ``namespace`` scopes everything: keys, files and listings. ``persist=False`` keeps the disk tier out.
+    ``namespace`` scopes everything: keys, files, listings and remote keys. ``persist=False`` keeps the disk tier
+    out. ``remote_url`` (``redis://HOST:PORT/DB``) adds the remote tier; ``remote`` passes one that is open already
+    (tests tune its timeouts and chunk size).
     """
 
     def __init__(
@@ -81,6 +102,8 @@ class ModuleStore:
         ram_budget: int | None = None,
         disk_budget: int | None = None,
         persist: bool = True,
+        remote_url: str | None = None,
+        remote: RemoteTier | None = None,
     ) -> None:
         if not NAMESPACE_PATTERN.match(namespace):
             raise ConfigError(f"namespace {namespace!r} must match {NAMESPACE_PATTERN.pattern}")
@@ -95,6 +118,15 @@ class ModuleStore:
             DiskTier(folder, default_disk_budget(folder) if disk_budget is None else disk_budget) if persist else None
         )
         self.disk_errors = 0
+        if remote is not None and remote_url:
+            raise ConfigError("give a remote_url or a remote tier, not both")
+        if remote_url:
+            from pccpu.store.remote import RemoteTier  # imports the redis client (~0.1 s) only when asked for
+
+            remote = RemoteTier(remote_url, namespace)
+        if remote is not None and remote.namespace != namespace:
+            raise ConfigError(f"the remote tier is for namespace {remote.namespace!r}, the store for {namespace!r}")
+        self.remote = remote
 
     def find(self, key: EntryKey, expect: dict[str, Any], *, runs: int) -> Hit | None:
         """The state stored under ``key``, else the same content stored at another start (then ``Hit.shift``
@@ -116,38 +148,73 @@ class ModuleStore:
         return None
 
     def lookup(self, key: EntryKey, expect: dict[str, Any]) -> Hit | None:
-        """The state stored under exactly ``key`` (RAM first, then disk), checked; None when absent or damaged."""
+        """The state stored under exactly ``key`` (RAM first, then disk, then remote), checked; None when absent
+        or damaged. A disk or remote hit is kept in RAM; a remote hit is written to local disk too."""
         entry = self.ram.get(key)
         if entry is not None:
             return Hit(entry, "ram")
-        if self.disk is None:
-            return None
-        found = self.disk.read(key, expect)
+        if self.disk is not None:
+            found = self.disk.read(key, expect)
+            entry = self._entry(key, found, str(self.disk.path_for(key)))
+            if entry is not None:
+                self.ram.put(entry)
+                return Hit(entry, "disk")
+        if self.remote is not None:
+            found = self.remote.read(key, expect)
+            entry = self._entry(key, found, f"remote entry {self.namespace}/{key.file_stem}")
+            if entry is not None:
+                self._keep_local(entry)
+                return Hit(entry, "remote")
+        return None
+
+    @staticmethod
+    def _entry(key: EntryKey, found: tuple[dict[str, Any], np.ndarray] | None, where: str) -> StoredModule | None:
         if found is None:
             return None
         fields, state = found
-        where = str(self.disk.path_for(key))
         try:
-            entry = StoredModule(key, state, EntryMeta.from_fields(fields, where=where))
+            return StoredModule(key, state, EntryMeta.from_fields(fields, where=where))
         except CorruptEntryError as exc:  # damaged metadata is reported and treated as absent, as in disk.read
             logger.warning("ignoring a stored module: %s", exc)
             return None
-        self.ram.put(entry)
-        return Hit(entry, "disk")
 
     def contains(self, key: EntryKey) -> bool:
         """Whether a state is stored under ``key`` (without reading or checking it)."""
-        return key in self.ram or (self.disk is not None and self.disk.path_for(key).is_file())
+        return key in self.ram or (self.disk is not None and self.disk.path_for(key).is_file()) or (
+            self.remote is not None and self.remote.exists(key))
 
     def starts_of(self, content: str) -> set[int]:
         starts = self.ram.starts_of(content)
         if self.disk is not None:
             starts |= self.disk.starts_of(content)
+        if self.remote is not None:
+            starts |= self.remote.starts_of(content)
         return starts
 
     def save(self, entry: StoredModule) -> None:
-        """Keep in RAM and write to disk. A disk that cannot be written is reported and skipped: the answer
+        """Keep in RAM, write to disk, then to the remote tier (synchronously: an encoding lease is released only
+        after the entry is there). A disk or server that cannot be written is reported and skipped: the answer
         does not depend on persisting."""
+        self._keep_local(entry)
+        if self.remote is not None:
+            self.remote.write(entry.key, entry.meta.to_fields(), entry.state)
+
+    def encode_turns(self, groups: Sequence[Sequence[EntryKey]],
+                     present: Callable[[EntryKey], bool]) -> Generator[list[EntryKey], None, None]:
+        """The keys to encode, turn by turn. ``groups``: the missing keys, by encoding pass. With a remote tier,
+        machines take leases so that each module is encoded once per fleet (``fleet.py``; close the iterator,
+        e.g. with ``contextlib.closing``); without one, all keys in one turn. ``present(key)``: whether the entry
+        can be read now (another machine stored it)."""
+        if self.remote is None:
+            keys = [k for g in groups for k in g]
+            if keys:
+                yield keys
+            return
+        from pccpu.store.fleet import encode_turns
+
+        yield from encode_turns(self.remote, groups, present)
+
+    def _keep_local(self, entry: StoredModule) -> None:
         self.ram.put(entry)
         if self.disk is None or not self.disk.writable:
             return
@@ -170,6 +237,8 @@ class ModuleStore:
         self.ram.unpin(key)
 
     def clear(self, *, ram: bool = True, disk: bool = True) -> int:
+        """Forget the local tiers' entries; the number removed. A shared remote tier is never cleared from here:
+        other machines use it (delete its ``pccpu:1:NAMESPACE:*`` keys on the server)."""
         removed = 0
         if ram:
             removed += len(self.ram)
@@ -185,5 +254,15 @@ class ModuleStore:
             ram_budget_bytes=self.ram.budget_bytes, ram_evictions=self.ram.evictions,
             disk_path=str(self.disk.directory) if self.disk else None, disk_entries=len(disk_infos),
             disk_bytes=sum(i.size for i in disk_infos), disk_budget_bytes=self.disk.budget_bytes if self.disk else 0,
-            disk_write_errors=self.disk_errors,
+            disk_write_errors=self.disk_errors, **self._remote_stats(),
         )
+
+    def _remote_stats(self) -> dict[str, Any]:
+        if self.remote is None:
+            return {}
+        c = self.remote.counters
+        return {"remote_url": self.remote.url, "remote_available": self.remote.available, "remote_hits": c.hits,
+                "remote_misses": c.misses, "remote_evicted": c.evicted, "remote_corrupt": c.corrupt,
+                "remote_bytes_read": c.bytes_read, "remote_writes": c.writes,
+                "remote_bytes_written": c.bytes_written, "remote_errors": self.remote.breaker.failures + c.refused,
+                "fleet_waits": c.fleet_waits}
