@@ -8,6 +8,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import pytest
@@ -61,14 +62,21 @@ def _pccpu_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-c", "from pccpu.cli import main; main()"]
 
 
-def test_a_terminal_session_with_keystrokes_an_edit_and_exit(default_model_path: Path, document: Path) -> None:
+def _spawn_chat(args: list[str]) -> Any:
+    """``pccpu chat ARGS`` in a real pseudo-terminal, past its banner and first prompt."""
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
-    command = [*_pccpu_command(), *chat_args(default_model_path, str(document))]
+    command = [*_pccpu_command(), *args]
     child = pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=60, dimensions=(40, 120))
+    child.expect_exact("Ctrl-C stops an answer")  # the banner, then the prompt
+    child.expect_exact(">")
+    return child
+
+
+def test_a_terminal_session_with_keystrokes_an_edit_and_exit(default_model_path: Path, document: Path) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    child = _spawn_chat(chat_args(default_model_path, str(document)))
     try:
-        child.expect_exact("Ctrl-C stops an answer")  # the banner, then the prompt
-        child.expect_exact(">")
         for ch in "When was the lighthousr":
             child.send(ch)
             time.sleep(0.03)
@@ -91,14 +99,10 @@ def test_a_terminal_session_with_keystrokes_an_edit_and_exit(default_model_path:
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(default_model_path: Path, document: Path) -> None:
     pexpect = pytest.importorskip("pexpect")
-    env = {**os.environ, "PROMPT_TOOLKIT_NO_CPR": "1", "TERM": "xterm-256color"}
     args = chat_args(default_model_path, str(document))
     args[args.index("--max-tokens") + 1] = "2000"  # this question makes SmolLM2 write until the context is full
-    command = [*_pccpu_command(), *args]
-    child = pexpect.spawn(command[0], command[1:], env=env, encoding="utf-8", timeout=60, dimensions=(40, 120))
+    child = _spawn_chat(args)
     try:
-        child.expect_exact("Ctrl-C stops an answer")
-        child.expect_exact(">")
         child.send("Write a long story about the lighthouse keeper and his life, with many chapters.\r")
         time.sleep(3)  # streaming by now: the whole answer takes far longer
         child.sendintr()

@@ -396,14 +396,11 @@ class TypeAhead:
         trace = target.trace
         kept = state.kept
         held = matching_cells(kept, trace) if kept is not None else 0
-        context = self.runtime.context
         if kept is None:  # the session holds nothing: make sure its sequence is empty too
-            context.seq_rm(REQUEST_SEQ)
+            self.runtime.context.seq_rm(REQUEST_SEQ)
         elif held < len(kept):  # an edit, or an ending of another text: from there on it goes
-            context.seq_rm(REQUEST_SEQ, held, -1)
-            with self.lock.cond:
-                self._discard(draft, held)
-            state.kept = kept = kept.head(held)
+            self._keep_first(draft, kept, held)
+            kept = state.kept
         if held < target.whole:
             self._prefill_whole(draft, target)
             return True
@@ -442,11 +439,15 @@ class TypeAhead:
         decoded again, the same tokens at the same positions); its start."""
         start = min(held, max(end - MIN_BATCH, 0))
         if start < held:
-            self.runtime.context.seq_rm(REQUEST_SEQ, start, -1)
-            with self.lock.cond:
-                self._discard(draft, start)
-            draft.state.kept = kept.head(start) if kept is not None else None
+            self._keep_first(draft, kept, start)
         return start
+
+    def _keep_first(self, draft: Draft, kept: CellTrace | None, n: int) -> None:
+        """The session keeps its first ``n`` cells; the rest are removed (and counted if type-ahead decoded them)."""
+        self.runtime.context.seq_rm(REQUEST_SEQ, n, -1)
+        with self.lock.cond:
+            self._discard(draft, n)
+        draft.state.kept = kept.head(n) if kept is not None else None
 
     def _prefill_whole(self, draft: Draft, target: _Target) -> None:
         """Bring the whole chunks before the text into the session (held, restored or decoded: the chat path)."""
