@@ -14,6 +14,7 @@
     │   ├── NoKvSlotError           llama_decode found no free KV cell (return code 1; recoverable)
     │   ├── DecodeError             llama_decode failed otherwise (invalid batch, aborted, compute error)
     │   └── StateError              a sequence state that cannot be saved or restored
+    │       └── WindowLostError     a sliding-window sequence that no longer holds the cells a decode needs
     ├── PmlError                    a schema or prompt that pccpu cannot accept (``.source`` names the file)
     │   ├── PmlSyntaxError          malformed XML (with line and column)
     │   ├── PmlSecurityError        DTDs, entity declarations, src= outside the allowed folders
@@ -104,6 +105,11 @@ class DecodeInterrupted(DecodeError):
 
 class StateError(EngineError):
     pass
+
+
+class WindowLostError(StateError):
+    """A sliding-window model's sequence lost cells that a decode (or a save) needs: llama.cpp reuses the cells of
+    its SWA layers once no later token of the sequence can see them. Rebuild the sequence (restore its modules)."""
 
 
 class PmlError(PccpuError):

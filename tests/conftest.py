@@ -20,13 +20,17 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from fake_engine import FakeContext, FakeModel
 
-REAL_MODEL_FIXTURES = {"default_model_path", "default_model"}
+REAL_MODEL_FIXTURES = {"default_model_path", "default_model", "gemma_model_path", "gemma_model"}
+GEMMA_FIXTURES = {"gemma_model_path", "gemma_model"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if REAL_MODEL_FIXTURES & names:
             item.add_marker(pytest.mark.slow)
+        if GEMMA_FIXTURES & names:
+            item.add_marker(pytest.mark.gemma)
 
 
 @pytest.fixture
@@ -54,6 +58,23 @@ def default_model(default_model_path: Path):  # type: ignore[no-untyped-def]
     model = LlamaModel(default_model_path)
     yield model
     # contexts created by tests are closed by their own fixtures; close the model last
+    model.close()
+
+
+@pytest.fixture(scope="session")
+def gemma_model_path() -> Path:
+    """gemma-3-270m (sliding-window attention), fetched (253 MB, once per machine) when missing."""
+    from pccpu.models import fetch_model
+
+    return fetch_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
+def gemma_model(gemma_model_path: Path):  # type: ignore[no-untyped-def]
+    from pccpu.engine import LlamaModel
+
+    model = LlamaModel(gemma_model_path)
+    yield model
     model.close()
 
 

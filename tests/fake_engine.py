@@ -26,7 +26,14 @@ import numpy as np
 
 from pccpu.engine.model import ModelInfo
 from pccpu.engine.protocols import LogitsMode
-from pccpu.errors import ContextOverflowError, DecodeInterrupted, InvalidArgumentError, NoKvSlotError, StateError
+from pccpu.errors import (
+    ContextOverflowError,
+    DecodeInterrupted,
+    InvalidArgumentError,
+    NoKvSlotError,
+    StateError,
+    WindowLostError,
+)
 
 PAD, BOS, EOS, IM_START, IM_END = 0, 1, 2, 259, 260
 BYTE_OFFSET = 3
@@ -122,6 +129,10 @@ class FakeContext:
         self._closed = False
         self.decoded_tokens = self.decode_calls = self.restored_cells = 0
         self.seconds_per_token = 0.0  # decodes take this long per token (type-ahead tests), interruptible
+        # sliding-window tests: a window size and, per sequence, the highest position whose window cell was "reused"
+        # (set by the test; LlamaContext detects it); cleared with the sequence
+        self.n_swa = 0
+        self.window_floor: dict[int, int] = {}
         self._interrupted = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -181,6 +192,9 @@ class FakeContext:
         if last >= 0 and start != last + 1:
             raise InvalidArgumentError(f"sequence {seq_id} ends at position {last}, so new tokens must start at "
                                        f"{last + 1}, not {start} (llama.cpp extends a sequence only at pos_max + 1)")
+        if last >= 0 and not self.window_intact(seq_id, start):
+            raise WindowLostError(f"sequence {seq_id} no longer holds the sliding-window cells a token at {start} "
+                                  "needs (llama.cpp reused them)")
         self._wait(n)
         self.decode_calls += 1
         self._apply_shifts()  # llama.cpp does it before looking for cells, so also when none is found
@@ -241,6 +255,9 @@ class FakeContext:
             raise NoKvSlotError(f"no free KV cell for 1 tokens: the context's {self.n_ctx} cells are in use")
         self._shift_pending = False
 
+    def window_intact(self, seq_id: int, pos: int) -> bool:
+        return self.window_floor.get(seq_id, -1) < max(pos - self.n_swa + 1, 0) if self.n_swa else True
+
     def seq_pos_min(self, seq_id: int) -> int:
         self._check_seq(seq_id)
         return min((self._pos[i] for i in self._cells(seq_id)), default=-1)
@@ -257,6 +274,8 @@ class FakeContext:
                 self._seqs[i].clear()
             else:
                 self._seqs[i].discard(seq_id)
+        if seq_id == -1 or self.seq_pos_max(seq_id) < 0:
+            self.window_floor.clear() if seq_id == -1 else self.window_floor.pop(seq_id, None)
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         self._check_seq(src)
@@ -285,6 +304,7 @@ class FakeContext:
 
     def clear(self, keep: Sequence[int] = ()) -> None:
         """Remove every sequence but those in keep (kept cells stay where they are). No keep: everything."""
+        self.window_floor = {s: f for s, f in self.window_floor.items() if s in keep}
         if not keep:
             for seqs in self._seqs:
                 seqs.clear()
@@ -302,6 +322,8 @@ class FakeContext:
         self._check_seq(seq_id)
         if self._shift_pending:
             raise StateError("a position shift is pending (it is applied by the next decode); decode before saving")
+        if self.n_swa and self.window_floor.get(seq_id, -1) >= 0:
+            raise WindowLostError(f"sequence {seq_id} lost sliding-window cells: it cannot be saved whole")
         cells = self._cells(seq_id)
         records = np.array([(self._pos[i], self._kv[i]) for i in cells], dtype=_CELL)
         blob = _HEADER.pack(STATE_MAGIC, self.model.seed, len(cells)) + records.tobytes()

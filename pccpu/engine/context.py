@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from pccpu.engine import swa
 from pccpu.engine._lib import lib, llama_build_info
 from pccpu.engine.model import LlamaModel, ModelInfo
 from pccpu.engine.threads import available_cores
@@ -31,6 +32,7 @@ from pccpu.errors import (
     InvalidArgumentError,
     NoKvSlotError,
     StateError,
+    WindowLostError,
 )
 
 logger = logging.getLogger(__name__)
@@ -134,6 +136,11 @@ class LlamaContext:
     Positions: a sequence that already holds cells can only be extended at ``pos_max + 1`` (llama.cpp's batch
     rule); an empty sequence may start anywhere. Cells copied in with ``seq_cp`` keep their positions, so a
     sequence may have gaps between copied modules.
+
+    Sliding-window models (``n_swa > 0``): states are saved whole, in parts (``swa.py``), and every sequence has a
+    *window floor*, the highest position whose SWA cell llama.cpp may have reused (-1: none). A decode at ``start``
+    needs the cells from ``start - n_swa + 1``: ``window_intact`` says whether they are there, and ``decode`` refuses
+    with ``WindowLostError`` when they are not.
     """
 
     def __init__(self, model: LlamaModel, settings: ContextSettings | None = None) -> None:
@@ -177,6 +184,8 @@ class LlamaContext:
         self.n_seq_max = llama_cpp.llama_n_seq_max(handle) - 1
         self._internal_seq = self.n_seq_max
         self._n_vocab = model.info.n_vocab
+        self.n_swa = model.info.n_swa
+        self._floor: dict[int, int] = {}  # seq -> window floor (sliding-window models only; absent: -1)
         self._lock = threading.RLock()
         self._shift_pending = False
         # One batch for the life of the context; numpy views write into its C arrays without Python loops.
@@ -261,6 +270,13 @@ class LlamaContext:
                     f"sequence {seq_id} ends at position {last}, so new tokens must start at {last + 1}, not {start} "
                     "(llama.cpp extends a sequence only at pos_max + 1)"
                 )
+            if last >= 0 and not self.window_intact(seq_id, start):
+                raise WindowLostError(
+                    f"sequence {seq_id} no longer holds the sliding-window cells of positions up to "
+                    f"{self._floor.get(seq_id)} (llama.cpp reused them), and a token at {start} attends to positions "
+                    f"from {max(start - self.n_swa + 1, 0)}: remove the sequence and restore or decode it again"
+                )
+            lows = self._pos_mins()
             out = np.empty((n, self._n_vocab), dtype=np.float32) if logits == "all" else None
             result: np.ndarray | None = None
             try:
@@ -277,6 +293,8 @@ class LlamaContext:
             except EngineError:
                 lib().llama_memory_seq_rm(self._memory, seq_id, start, -1)
                 raise
+            finally:
+                self._note_purges(lows)
             return out if logits == "all" else result
 
     def _fill_batch(self, chunk: np.ndarray, seq_id: int, start: int, logits: LogitsMode, is_last: bool) -> None:
@@ -327,6 +345,36 @@ class LlamaContext:
     def clear_interrupt(self) -> None:
         self._abort_flag[0] = b"\x00"
 
+    # -- sliding-window bookkeeping (see the class docstring and swa.py) ----------------------------------
+    def window_intact(self, seq_id: int, pos: int) -> bool:
+        """Whether a token decoded at ``pos`` into ``seq_id`` would find every sliding-window cell it attends to
+        (always true for models without SWA layers)."""
+        return self._floor.get(seq_id, -1) < max(pos - self.n_swa + 1, 0) if self.n_swa else True
+
+    def _pos_mins(self) -> list[int] | None:
+        if not self.n_swa:
+            return None
+        pos_min = lib().llama_memory_seq_pos_min
+        return [int(pos_min(self._memory, s)) for s in range(self.n_seq_max + 1)]
+
+    def _note_purges(self, before: list[int] | None) -> None:
+        """llama.cpp purges a sequence's oldest SWA cells when it reuses one of them (find_slot/apply_ubatch): the
+        sequence's lowest position (taken from the SWA cache) rises. Remember how far, as the window floor."""
+        if before is None:
+            return
+        pos_min = lib().llama_memory_seq_pos_min
+        for seq_id, low in enumerate(before):
+            now = int(pos_min(self._memory, seq_id))
+            if low >= 0 and now > low:
+                self._floor[seq_id] = max(self._floor.get(seq_id, -1), now - 1)
+                logger.debug("sequence %d: llama.cpp reused its SWA cells up to position %d", seq_id, now - 1)
+
+    def _forget_floor(self, seq_id: int) -> None:
+        if seq_id == -1:
+            self._floor.clear()
+        else:
+            self._floor.pop(seq_id, None)
+
     # -- sequence (KV memory) operations ---------------------------------------------------------------
     def apply_pending_shift(self) -> None:
         """Apply pending ``seq_add`` shifts now (llama.cpp applies them inside the next decode): decodes one token
@@ -358,6 +406,8 @@ class LlamaContext:
                 self._check_seq(seq_id)
             if not lib().llama_memory_seq_rm(self._memory, seq_id, p0, p1):
                 raise EngineError(f"llama.cpp refused to remove positions [{p0}, {p1}) of sequence {seq_id}")
+            if seq_id == -1 or self.seq_pos_max(seq_id) < 0:
+                self._forget_floor(seq_id)
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         """Make dst share src's cells with positions in [p0, p1). Zero-copy with a unified KV cache."""
@@ -367,11 +417,16 @@ class LlamaContext:
             if src == dst:
                 raise InvalidArgumentError("seq_cp needs two different sequences")
             lib().llama_memory_seq_cp(self._memory, src, dst, p0, p1)
+            lost = self._floor.get(src, -1)
+            if lost >= max(p0, 0):  # dst gets src's gap too, within the copied range
+                lost = min(lost, p1 - 1) if p1 >= 0 else lost
+                self._floor[dst] = max(self._floor.get(dst, -1), lost)
 
     def seq_keep(self, seq_id: int) -> None:
         with self._lock:
             self._check_seq(seq_id)
             lib().llama_memory_seq_keep(self._memory, seq_id)
+            self._floor = {seq_id: self._floor[seq_id]} if seq_id in self._floor else {}
 
     def seq_add(self, seq_id: int, p0: int, p1: int, delta: int) -> None:
         """Shift positions in [p0, p1) of a sequence by delta. K is re-rotated lazily, in the next decode.
@@ -397,6 +452,9 @@ class LlamaContext:
                 )
             llama_cpp.llama_memory_seq_add(self._memory, seq_id, p0, p1, delta)
             self._shift_pending = True
+            lost = self._floor.get(seq_id, -1)
+            if lost >= 0 and first <= lost <= last:
+                self._floor[seq_id] = lost + delta
 
     def clear(self, keep: Sequence[int] = ()) -> None:
         """Remove every cell of every sequence and start placing cells from the first one again; with ``keep``,
@@ -409,6 +467,7 @@ class LlamaContext:
             if not keep:
                 lib().llama_memory_clear(self._memory, False)
                 self._shift_pending = False
+                self._floor.clear()
                 return
             for seq_id in keep:
                 self._check_seq(seq_id)
@@ -416,31 +475,56 @@ class LlamaContext:
             for seq_id in range(self.n_seq_max + 1):  # the internal sequence too
                 if seq_id not in kept:
                     lib().llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+                    self._forget_floor(seq_id)
 
     # -- sequence state --------------------------------------------------------------------------------
     def state_seq_size(self, seq_id: int) -> int:
+        """Bytes of llama.cpp's own state of the sequence (for a sliding-window model, without the cells its next
+        token cannot see: ``state_seq_get`` saves more, see swa.py)."""
         self._check_seq(seq_id)
         return int(lib().llama_state_seq_get_size_ext(self.handle, seq_id, 0))
 
     def state_seq_get(self, seq_id: int, into: np.ndarray | None = None) -> np.ndarray:
         """Save the sequence's cells (positions, K, V) into a uint8 array; ``into`` is reused when large enough.
 
-        The blob holds no token ids and no logits, and K is stored rotated for the cells' positions.
+        The blob holds no token ids and no logits, and K is stored rotated for the cells' positions. For a
+        sliding-window model it is swa.py's container of parts, every cell included.
         """
+        if into is not None and (into.dtype != np.uint8 or not into.flags.c_contiguous):
+            raise InvalidArgumentError("state buffers must be C-contiguous uint8 arrays")
         with self._lock:
             self._check_seq(seq_id)
             if self._shift_pending:
                 raise StateError("a position shift is pending (it is applied by the next decode); decode before saving")
-            size = self.state_seq_size(seq_id)
-            buffer = into if into is not None and into.nbytes >= size else np.empty(size, dtype=np.uint8)
-            if buffer.dtype != np.uint8 or not buffer.flags.c_contiguous:
-                raise InvalidArgumentError("state buffers must be C-contiguous uint8 arrays")
-            written = lib().llama_state_seq_get_data_ext(
-                self.handle, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq_id, 0
-            )
-            if written != size:
-                raise StateError(f"llama.cpp wrote {written} of {size} state bytes for sequence {seq_id}")
-            return buffer[:size]
+            if not self.n_swa:
+                return self._state_get(seq_id, into)
+            if self._floor.get(seq_id, -1) >= 0:
+                raise WindowLostError(
+                    f"sequence {seq_id} no longer holds the sliding-window cells of positions up to "
+                    f"{self._floor[seq_id]} (llama.cpp reused them), so its state cannot be saved whole"
+                )
+            parts = []
+            scratch = self._internal_seq
+            for p0, p1 in swa.part_ranges(self.seq_pos_min(seq_id), self.seq_pos_max(seq_id), self.n_swa):
+                lib().llama_memory_seq_cp(self._memory, seq_id, scratch, p0, p1)
+                try:
+                    if lib().llama_memory_seq_pos_max(self._memory, scratch) >= 0:  # a gap leaves a range empty
+                        parts.append(self._state_get(scratch, None))
+                finally:
+                    lib().llama_memory_seq_rm(self._memory, scratch, -1, -1)
+            if not parts:
+                parts.append(self._state_get(seq_id, None))  # an empty sequence: llama.cpp's own empty state
+            return swa.pack(parts, into)
+
+    def _state_get(self, seq_id: int, into: np.ndarray | None) -> np.ndarray:
+        size = int(lib().llama_state_seq_get_size_ext(self.handle, seq_id, 0))
+        buffer = into if into is not None and into.nbytes >= size else np.empty(size, dtype=np.uint8)
+        written = lib().llama_state_seq_get_data_ext(
+            self.handle, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq_id, 0
+        )
+        if written != size:
+            raise StateError(f"llama.cpp wrote {written} of {size} state bytes for sequence {seq_id}")
+        return buffer[:size]
 
     def state_seq_set(self, seq_id: int, data: np.ndarray | bytes | memoryview) -> None:
         """Restore a saved state into seq_id. This first erases seq_id: a restore replaces, it never appends."""
@@ -451,12 +535,35 @@ class LlamaContext:
             raise StateError("empty state data")
         with self._lock:
             self._check_seq(seq_id)
-            read = lib().llama_state_seq_set_data_ext(
-                self.handle, array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), array.size, seq_id, 0
+            if not self.n_swa:
+                self._state_set(seq_id, array)
+                return
+            parts = swa.unpack(array)
+            lows = self._pos_mins()
+            self._forget_floor(seq_id)
+            scratch = self._internal_seq
+            try:
+                self._state_set(seq_id, parts[0])
+                if lows is not None:
+                    lows[seq_id] = self.seq_pos_min(seq_id)  # restored whole: purges count from here
+                for part in parts[1:]:  # in position order: the cells land as they were computed
+                    self._state_set(scratch, part)
+                    lib().llama_memory_seq_cp(self._memory, scratch, seq_id, -1, -1)
+                    lib().llama_memory_seq_rm(self._memory, scratch, -1, -1)
+            except StateError:
+                lib().llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+                lib().llama_memory_seq_rm(self._memory, scratch, -1, -1)
+                raise
+            finally:
+                self._note_purges(lows)
+
+    def _state_set(self, seq_id: int, array: np.ndarray) -> None:
+        read = lib().llama_state_seq_set_data_ext(
+            self.handle, array.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), array.size, seq_id, 0
+        )
+        if read == 0:
+            raise StateError(
+                f"llama.cpp rejected a {array.size}-byte state for sequence {seq_id}: it was saved by another "
+                "model or with other context settings (KV types, flash attention), or it is damaged, or the "
+                "context has no room for its cells"
             )
-            if read == 0:
-                raise StateError(
-                    f"llama.cpp rejected a {array.size}-byte state for sequence {seq_id}: it was saved by another "
-                    "model or with other context settings (KV types, flash attention), or it is damaged, or the "
-                    "context has no room for its cells"
-                )

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pccpu.errors import ConfigError, EngineError, NoKvSlotError, StateError
+from pccpu.errors import ConfigError, EngineError, NoKvSlotError, StateError, WindowLostError
 from pccpu.generation.stream import GenerationOutcome, generate
 from pccpu.pml import CachedPiece
 from pccpu.service.assembler import AssemblyTimings, assemble, run_keys
@@ -179,11 +179,14 @@ class RequestPath:
         except (StateError, NoKvSlotError) as exc:
             if not len(self.residents) and not reused:
                 raise
-            # resident runs (or the reused cells) can leave no contiguous room for a restore: drop them all and
-            # assemble from a cleared cache
-            logger.info("no room beside %d resident run(s) and %d reused cells (%s); dropping them",
-                        len(self.residents), reused, exc)
-            self.residents.clear()
+            if isinstance(exc, WindowLostError) and reused:  # the session's cells alone are at fault
+                logger.info("the session's %d cells cannot be extended (%s); assembling from the store", reused, exc)
+            else:
+                # resident runs (or the reused cells) can leave no contiguous room for a restore: drop them all and
+                # assemble from a cleared cache
+                logger.info("no room beside %d resident run(s) and %d reused cells (%s); dropping them",
+                            len(self.residents), reused, exc)
+                self.residents.clear()
             reused = 0
             timings = AssemblyTimings()
             logits, next_position = self._assemble(request, sources, timings, trace, reused, live, repair_tokens)

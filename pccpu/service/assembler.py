@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pccpu.engine.protocols import Context, LogitsMode
-from pccpu.errors import ConfigError, InternalError
+from pccpu.errors import ConfigError, InternalError, WindowLostError
 from pccpu.pml import CachedPiece, UncachedPiece
 from pccpu.service.request import ModuleSource, Request, RunKey
 from pccpu.service.resident import ResidentModules
@@ -73,6 +73,9 @@ def assemble(
         # llama.cpp searches for free cells from the first one freed: the rest lands right after the kept cells
         context.clear(keep=[*keep, request_seq])
         context.seq_rm(request_seq, keep_request_below, -1)
+        if not context.window_intact(request_seq, keep_request_below):
+            raise WindowLostError(f"the session's cells before position {keep_request_below} lost sliding-window "
+                                  "cells (llama.cpp reused them): assemble from the store")
     remaining = Counter(run for run in request.runs if run is not None)
     # runs that move in this prompt are restored into a private scratch: seq_add moves a cell for all its holders
     moving = {run for piece, run in zip(plan.pieces, request.runs, strict=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pccpu.engine.protocols import LogitsMode
-from pccpu.errors import EngineError, LayoutOverflowError, OptionError
+from pccpu.errors import EngineError, LayoutOverflowError, OptionError, WindowLostError
 from pccpu.roles import Role, RoleTag
 from pccpu.service.answering import Prefill
 from pccpu.service.result import ModuleUse
@@ -53,6 +54,7 @@ COMPOSE_MODE = "chat-compose"  # part of every composable chat module's key and 
 ChatReuse = Literal["exact", "compose"]
 CHAT_REUSE: tuple[str, ...] = ("exact", "compose")
 DEFAULT_MIN_CHUNK_TOKENS = 64
+logger = logging.getLogger(__name__)
 ROLES = {"system": Role.SYSTEM, "developer": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}
 
 
@@ -282,7 +284,9 @@ class ChatPath:
         if held:  # the session's first cells stay; new cells go right after them (see assembler.assemble)
             context.clear(keep=[*self._keep_seqs(), self._request_seq])
             context.seq_rm(self._request_seq, held, -1)
-        else:
+            if not context.window_intact(self._request_seq, held):  # a sliding window's cells were reused
+                held = 0
+        if not held:
             context.clear(keep=self._keep_seqs())
         return held
 
@@ -383,8 +387,13 @@ class ChatPath:
             if chunk.key is None:
                 continue
             context.seq_cp(self._request_seq, self._save_seq, chunk.start, chunk.end)
-            state = context.state_seq_get(self._save_seq)
-            context.seq_rm(self._save_seq)
+            try:
+                state = context.state_seq_get(self._save_seq)
+            except WindowLostError as exc:  # a sliding-window model reused some of the chunk's cells
+                logger.info("%s is not stored: %s", chunk.label, exc)
+                continue
+            finally:
+                context.seq_rm(self._save_seq)
             exact = exact_below is None or chunk.end <= exact_below
             meta = EntryMeta(schema="chat", module=chunk.label,
                              mode=CHAT_MODE if exact_below is None else COMPOSE_MODE,

@@ -56,7 +56,7 @@ from pccpu.service.repair import DEFAULT_REPAIR_TOKENS
 from pccpu.service.request import Request, order_warnings
 from pccpu.service.resident import ResidentModules, ResidentStats
 from pccpu.service.result import Result
-from pccpu.service.runtime import Runtime, check_supported
+from pccpu.service.runtime import Runtime
 from pccpu.service.schemas import SchemaRecord, SchemaRegistry
 from pccpu.service.session import Session
 from pccpu.service.sessions import SessionState, SessionStats, SessionTable
@@ -152,11 +152,6 @@ class PromptCache:
                                    reserve_bytes=resident_budget)
         elif model is not None:
             raise ConfigError("give a model or a runtime, not both")
-        try:
-            check_supported(runtime.model)
-        except BaseException:
-            runtime.close()
-            raise
         self._runtime = runtime
         self.n_ctx = runtime.n_ctx  # the longest prompt plus answer; the context has extra cells for resident runs
         try:

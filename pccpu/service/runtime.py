@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pccpu.engine import ContextSettings, LlamaContext, LlamaModel, parse_gpu_layers
 from pccpu.engine.protocols import Context, Model
-from pccpu.errors import ConfigError, UnsupportedModelError
+from pccpu.errors import ConfigError
 from pccpu.templates import ChatRoles
 
 logger = logging.getLogger(__name__)
@@ -45,19 +45,6 @@ def chat_roles_for(model: Model, mode: str = "auto") -> ChatRoles:
     bos = model.token_to_piece(model.bos_token, special=True).decode("utf-8", "replace") if model.bos_token >= 0 else ""
     eos = model.token_to_piece(model.eos_token, special=True).decode("utf-8", "replace") if model.eos_token >= 0 else ""
     return ChatRoles.from_template(template, bos_token=bos, eos_token=eos, name=model.path.name)
-
-
-def check_supported(model: Model) -> None:
-    """Refuse models whose cached answers pccpu cannot make right yet."""
-    n_swa = model.info.n_swa
-    if n_swa > 0:
-        # Measured on gemma-3-270m: composed module states differ from full prefill (KL ~0.01 on a prefix
-        # layout), so sliding-window models are refused until their iSWA cache is handled deliberately.
-        raise UnsupportedModelError(
-            f"{model.path.name} uses sliding-window attention (window {n_swa} tokens), which pccpu does not support "
-            "yet: its composed module states do not match a full prefill. Use a model with full attention (for "
-            "example smollm2 or qwen2.5-coder-1.5b)"
-        )
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pccpu.engine.protocols import Context
-from pccpu.errors import EngineError, SessionError
+from pccpu.errors import EngineError, SessionError, WindowLostError
 from pccpu.service.reuse import CellTrace, common_prefix
 from pccpu.store import Lru
 
@@ -135,7 +135,14 @@ class SessionTable:
         state, self.active = self.active, None
         if state is not None and state.kept is not None and len(state.kept):
             self._context.apply_pending_shift()  # a state is saved with every shift applied
-            blob = self._context.state_seq_get(self._seq)  # a fresh array
+            try:
+                blob = self._context.state_seq_get(self._seq)  # a fresh array
+            except WindowLostError as exc:  # a sliding-window model reused some of its cells
+                logger.info("session %r cannot be parked whole (%s): it starts over from the module store",
+                            state.name, exc)
+                state.kept = None
+                self._context.seq_rm(self._seq)
+                return
             evicted = self._parked.put(state.id, blob, blob.nbytes)
             if evicted is None:
                 logger.info("session %r holds %d bytes of cells, more than the session budget of %d bytes: it "

@@ -399,7 +399,8 @@ class TypeAhead:
         if kept is None:  # the session holds nothing: make sure its sequence is empty too
             self.runtime.context.seq_rm(REQUEST_SEQ)
         elif held < len(kept):  # an edit, or an ending of another text: from there on it goes
-            self._keep_first(draft, kept, held)
+            if not self._keep_first(draft, kept, held):
+                return True  # a sliding window's cells were lost: the next step starts over
             kept = state.kept
         if held < target.whole:
             self._prefill_whole(draft, target)
@@ -416,10 +417,12 @@ class TypeAhead:
             return idle_until
         if self._word_first(target, held):  # the last word on its own: punctuation typed next finds it decoded
             start = self._back_up(draft, kept, held, target.text_end)
-            self._decode(step, start, target.text_end, speculative=False, word=True)
+            if start is not None:
+                self._decode(step, start, target.text_end, speculative=False, word=True)
             return True
         start = self._back_up(draft, kept, held, len(trace))
-        self._decode(step, start, len(trace), speculative=True)
+        if start is not None:
+            self._decode(step, start, len(trace), speculative=True)
         return True
 
     def _word_first(self, target: _Target, held: int) -> bool:
@@ -434,20 +437,28 @@ class TypeAhead:
             return bool(piece) and any(c.isalnum() for c in piece)
         return True
 
-    def _back_up(self, draft: Draft, kept: CellTrace | None, held: int, end: int) -> int:
+    def _back_up(self, draft: Draft, kept: CellTrace | None, held: int, end: int) -> int | None:
         """Make the batch ``[start, end)`` at least MIN_BATCH tokens long by removing held cells before it (they are
-        decoded again, the same tokens at the same positions); its start."""
+        decoded again, the same tokens at the same positions); its start, or None when the session had to be
+        emptied instead (see ``_keep_first``)."""
         start = min(held, max(end - MIN_BATCH, 0))
-        if start < held:
-            self._keep_first(draft, kept, start)
+        if start < held and not self._keep_first(draft, kept, start):
+            return None
         return start
 
-    def _keep_first(self, draft: Draft, kept: CellTrace | None, n: int) -> None:
-        """The session keeps its first ``n`` cells; the rest are removed (and counted if type-ahead decoded them)."""
-        self.runtime.context.seq_rm(REQUEST_SEQ, n, -1)
+    def _keep_first(self, draft: Draft, kept: CellTrace | None, n: int) -> bool:
+        """The session keeps its first ``n`` cells; the rest are removed (and counted if type-ahead decoded them).
+        False when a sliding-window model no longer holds the cells a decode at ``n`` needs: then it keeps none."""
+        context = self.runtime.context
+        context.seq_rm(REQUEST_SEQ, n, -1)
+        intact = context.window_intact(REQUEST_SEQ, n)
+        if not intact:
+            context.seq_rm(REQUEST_SEQ)
+            n = 0
         with self.lock.cond:
             self._discard(draft, n)
         draft.state.kept = kept.head(n) if kept is not None else None
+        return intact
 
     def _prefill_whole(self, draft: Draft, target: _Target) -> None:
         """Bring the whole chunks before the text into the session (held, restored or decoded: the chat path)."""
