@@ -35,6 +35,12 @@ class RoleRenderer(Protocol):
 
     def render(self, tag: RoleTag) -> str: ...
 
+    def render_after(self, tag: RoleTag, previous: RoleTag | None) -> str:
+        """The text of ``tag`` where ``previous`` is the role tag before it in the document (None: none). A template
+        that folds the system message into the first user turn needs it: ``<user>`` right after ``</system>``
+        continues that turn."""
+        ...
+
     @property
     def generation_prompt(self) -> str:
         """Text that starts the assistant's turn, appended after a prompt that ends a user turn."""

@@ -255,6 +255,9 @@ class FakeContext:
             raise NoKvSlotError(f"no free KV cell for 1 tokens: the context's {self.n_ctx} cells are in use")
         self._shift_pending = False
 
+    def swa_kv_share(self) -> float:
+        return 0.0
+
     def window_intact(self, seq_id: int, pos: int) -> bool:
         return self.window_floor.get(seq_id, -1) < max(pos - self.n_swa + 1, 0) if self.n_swa else True
 

@@ -39,3 +39,6 @@ class BracketRoles:
         mark = {"open": "", "close": "/", "empty": ""}[tag.kind]
         end = "/" if tag.kind == "empty" else ""
         return f" [{mark}{tag.role.value}{end}] "
+
+    def render_after(self, tag: RoleTag, previous: RoleTag | None) -> str:
+        return self.render(tag)

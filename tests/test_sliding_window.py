@@ -216,3 +216,36 @@ def test_shifted_module(gemma_model_path: Path) -> None:
     """A module found at another start is moved with llama.cpp's K-shift, per layer with the SWA layers' own RoPE
     base: as close to a fresh encode as for the other models."""
     check_shifted_reuse(gemma_model_path, "<system>You are a helpful assistant. Answer briefly.</system>")
+
+
+GEMMA_IT = (Path(__file__).parent / "fixtures" / "chat_templates" / "gemma3-it.jinja").read_text(encoding="utf-8")
+
+
+def test_a_chat_with_the_gemma3_instruction_template(gemma_model_path: Path) -> None:
+    """The base model's GGUF has no template; given the Gemma 3 one, the system message goes into the first user
+    turn, and the turn markers are the vocabulary's special tokens."""
+    with PromptCache(str(gemma_model_path), n_ctx=1024, n_threads=2, persist=False, chat_template=GEMMA_IT) as pc:
+        messages = [{"role": "system", "content": "Answer in one word."},
+                    {"role": "user", "content": "What colour is the sky?"}]
+        result = pc.chat(messages, max_tokens=4).result()
+        expected = ("<start_of_turn>user\nAnswer in one word.\n\nWhat colour is the sky?<end_of_turn>\n"
+                    "<start_of_turn>model\n")
+        tokens = pc._runtime.model.tokenize(expected, add_bos=True)  # internal: the model's tokenizer
+        assert result.prompt_tokens == len(tokens)
+        assert len(pc._runtime.model.tokenize("<start_of_turn>")) == 1
+
+
+def test_schema_show_reports_what_the_window_costs(gemma_model_path: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pccpu.cli import main
+
+    schema = tmp_path / "towns.xml"
+    schema.write_text(SCHEMA, encoding="utf-8")
+    template = tmp_path / "gemma3-it.jinja"
+    template.write_text(GEMMA_IT, encoding="utf-8")
+    result = CliRunner().invoke(main, ["schema", "show", str(schema), "--model", str(gemma_model_path),
+                                       "--chat-template", str(template), "--n-ctx", "4096"])
+    assert result.exit_code == 0, result.output
+    assert "sliding window: 15 of 18 layers see the last 512 positions" in result.output
+    assert "a full n_ctx=4096 context is 72.0 MiB of KV, 27.0 MiB with llama.cpp's default" in result.output

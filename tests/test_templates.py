@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -353,3 +354,62 @@ def test_plain_and_chatml_constructors() -> None:
 
 def test_template_error_is_package_error() -> None:
     assert issubclass(TemplateError, PccpuError)
+
+
+# --------------------------------------------------------------------------------------------- a template given
+def fake_runtime(template: str | None, roles: str = "auto") -> Any:
+    from fake_engine import FakeContext, FakeModel
+
+    from pccpu.engine import ContextSettings
+    from pccpu.service.runtime import Runtime, chat_roles_for
+
+    model = FakeModel()
+    return Runtime(model=model, context=FakeContext(model), roles=chat_roles_for(model, roles, template),
+                   settings=ContextSettings(n_ctx=256, n_batch=64, n_ubatch=64, n_seq_max=4, n_threads=1,
+                                            n_threads_batch=1))
+
+
+def test_a_template_given_replaces_the_models_own() -> None:
+    """gemma-3-270m's GGUF has no template: the Gemma 3 instruction template given instead folds the system message
+    into the first user turn, in role tags and in chats alike."""
+    assert not fake_runtime(None).roles.system_folded  # the fake model's own template is ChatML
+    runtime = fake_runtime(load("gemma3-it"))
+    assert runtime.roles.system_folded
+    assert runtime.roles.generation_prompt == "<start_of_turn>model\n"
+
+
+@pytest.mark.parametrize(("messages", "agp"), [c for c in CONVERSATIONS if c[1] and len(c[0]) > 1])
+def test_a_chat_with_a_given_template_renders_as_the_template(messages: list[tuple[Role, str]], agp: bool) -> None:
+    from pccpu.service.chat import build_chunks
+
+    runtime = fake_runtime(load("gemma3-it"))
+    chunks = build_chunks([{"role": r.value, "content": c} for r, c in messages], runtime, seed="t", n_ctx=4096,
+                          min_chunk_tokens=1)
+    text = runtime.model.detokenize([t for c in chunks for t in c.tokens], special=True)
+    assert text == reference_render(load("gemma3-it"), messages, agp, *MODELS["gemma3-it"])
+
+
+def test_a_template_given_with_roles_that_ignore_it_is_refused() -> None:
+    with pytest.raises(ConfigError, match="roles='template'"):
+        fake_runtime(load("gemma3-it"), roles="plain")
+    with pytest.raises(ConfigError, match="empty"):
+        fake_runtime("  ")
+
+
+def test_a_pml_schema_and_prompt_render_a_folded_system_message_as_the_template() -> None:
+    """PML renders role tags in document order, so a template that folds the system message into the first user turn
+    (Gemma 3) works in schemas too: the schema's and the prompt's text together are the template's own output."""
+    from pml_fakes import CharTokenizer
+
+    from pccpu.pml import build_layout, parse_prompt, parse_schema, resolve_prompt
+
+    roles = roles_for("gemma3-it")
+    schema = parse_schema('<schema name="g"><system>Be brief.</system><user><module name="doc">The sky is '
+                          'blue.</module></schema>')
+    layout = build_layout(schema, CharTokenizer(), roles)
+    plan = resolve_prompt(layout, parse_prompt('<prompt schema="g"><doc/> What colour?</user></prompt>'),
+                          CharTokenizer(), roles)
+    text = "".join(chr(t) for piece in plan.pieces for t in plan.piece_tokens(piece))
+    expected = reference_render(load("gemma3-it"), [(S, "Be brief."), (U, "The sky is blue. What colour?")], False,
+                                *MODELS["gemma3-it"])
+    assert text == expected

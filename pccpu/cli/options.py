@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from pccpu.errors import ConfigError
 from pccpu.service.passes import CONTEXT_MODES
 from pccpu.service.repair import DEFAULT_REPAIR_TOKENS
 from pccpu.service.runtime import ROLE_MODES
@@ -35,6 +37,10 @@ def cache_options(func: Callable[..., Any] | None = None, *,
                      help="What a module attends to when encoded (see README)."),
         click.option("--roles", type=click.Choice(ROLE_MODES), default="auto", show_default=True,
                      help="How <system>/<user>/<assistant> render: the model's chat template or a fallback."),
+        click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+                     metavar="FILE",
+                     help="A Jinja chat template to use instead of the model's own (a base model's GGUF has none: "
+                          "gemma-3-270m with the Gemma 3 instruction template, for example)."),
         click.option("--kv-type", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True,
                      help="KV cache element type (K and V); q8_0 halves module memory and turns flash attention on."),
         click.option("--namespace", default="default", show_default=True, help="Store namespace (tenant)."),
@@ -61,15 +67,25 @@ def cache_options(func: Callable[..., Any] | None = None, *,
 def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: str, roles: str, kv_type: str,
                       namespace: str, no_persist: bool, gpu_layers: str, kv_on_cpu: bool, resident_mb: int,
                       repair_tokens: int = DEFAULT_REPAIR_TOKENS, reuse_previous: bool = True,
-                      chat_reuse: str = "exact", store_url: str | None = None) -> PromptCache:
+                      chat_reuse: str = "exact", store_url: str | None = None,
+                      chat_template: Path | None = None) -> PromptCache:
     from pccpu.engine import parse_gpu_layers
     from pccpu.service import PromptCache
 
     n_gpu_layers = parse_gpu_layers(gpu_layers)
     # flash attention: needed by a q8_0 V cache; on a GPU, faster (None lets PromptCache decide)
     flash_attn = True if kv_type != "f16" else None
-    return PromptCache(model, n_ctx=n_ctx, n_threads=threads, mode=mode, roles=roles, type_k=kv_type,
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    return PromptCache(model, n_ctx=n_ctx, n_threads=threads, mode=mode, roles=roles, chat_template=template,
+                       type_k=kv_type,
                        type_v=kv_type, flash_attn=flash_attn, namespace=namespace, persist=not no_persist,
                        store_url=store_url or None,
                        n_gpu_layers=n_gpu_layers, offload_kqv=not kv_on_cpu, resident_budget=resident_mb << 20,
                        repair_tokens=repair_tokens, reuse_previous=reuse_previous, chat_reuse=chat_reuse)
+
+
+def read_chat_template(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the chat template {path}: {exc} (give a UTF-8 Jinja file)") from exc

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pccpu.cli.files import read_input_file
+from pccpu.cli.options import read_chat_template
 from pccpu.engine.context import KV_TYPES
 from pccpu.errors import DuplicateNameError, InternalError, PmlStructureError, UnknownSchemaError
 from pccpu.pml import (
@@ -95,10 +96,12 @@ def _settings(n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> ContextSe
 
 
 @contextmanager
-def _runtime(model: str | None, settings: ContextSettings, roles: str) -> Iterator[Runtime]:
+def _runtime(model: str | None, settings: ContextSettings, roles: str,
+             chat_template: Path | None = None) -> Iterator[Runtime]:
     from pccpu.service.runtime import Runtime
 
-    runtime = Runtime.open(model, settings, roles=roles)
+    template = read_chat_template(chat_template) if chat_template is not None else None
+    runtime = Runtime.open(model, settings, roles=roles, chat_template=template)
     try:
         yield runtime
     finally:
@@ -116,6 +119,9 @@ _n_ctx_option = click.option("--n-ctx", type=click.IntRange(min=1), default=DEFA
 _roles_option = click.option("--roles", type=click.Choice(ROLE_MODES), default="auto", show_default=True,
                              help="How role tags are rendered: the model's chat template (auto/template), "
                                   "ChatML, or no role text (plain).")
+_template_option = click.option("--chat-template", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                                default=None, metavar="FILE",
+                                help="A Jinja chat template to use instead of the model's own.")
 
 
 @click.group()
@@ -128,8 +134,10 @@ def schema() -> None:
 @_model_option
 @_n_ctx_option
 @_roles_option
+@_template_option
 @click.option("--syntax-only", is_flag=True, help="Parse only: no model, no tokenization, no layout.")
-def check(files: tuple[str, ...], model: str | None, n_ctx: int, roles: str, syntax_only: bool) -> None:
+def check(files: tuple[str, ...], model: str | None, n_ctx: int, roles: str, chat_template: Path | None,
+          syntax_only: bool) -> None:
     """Check each FILE, a schema or a prompt; prompts are resolved against the schemas given with them.
 
     Prints one OK line per file and exits 0 when all are valid; otherwise prints the first error and exits 1.
@@ -159,7 +167,7 @@ def check(files: tuple[str, ...], model: str | None, n_ctx: int, roles: str, syn
             raise UnknownSchemaError(f"the prompt names schema {item.prompt.schema!r}, which is not among the files "
                                      f"given; available schemas: {available}", source=item.path)
     layouts: dict[str, SchemaLayout] = {}
-    with _runtime(model, _settings(n_ctx), roles) as runtime:
+    with _runtime(model, _settings(n_ctx), roles, chat_template) as runtime:
 
         def layout_of(name: str) -> SchemaLayout:
             if name not in layouts:
@@ -186,12 +194,14 @@ def check(files: tuple[str, ...], model: str | None, n_ctx: int, roles: str, syn
 @_model_option
 @_n_ctx_option
 @_roles_option
+@_template_option
 @click.option("--type-k", type=click.Choice(sorted(KV_TYPES)), default="f16", show_default=True,
               help="KV cache type of K, for the memory figures.")
 @click.option("--type-v", type=click.Choice(sorted(KV_TYPES)), default="f16", show_default=True,
               help="KV cache type of V, for the memory figures.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON description instead of the tree.")
-def show(file: str, model: str | None, n_ctx: int, roles: str, type_k: str, type_v: str, as_json: bool) -> None:
+def show(file: str, model: str | None, n_ctx: int, roles: str, chat_template: Path | None, type_k: str, type_v: str,
+         as_json: bool) -> None:
     """Show schema FILE: modules, unions and parameters with positions, tokens and KV memory per module.
 
     A module's KV memory is its own tokens (not those of its nested modules) times the KV bytes per token of the
@@ -202,14 +212,62 @@ def show(file: str, model: str | None, n_ctx: int, roles: str, type_k: str, type
         raise PmlStructureError("this is a prompt; `pccpu schema show` takes a schema file (check prompts with "
                                 "`pccpu schema check SCHEMA PROMPT`)", source=file)
     settings = _settings(n_ctx, type_k, type_v)
-    with _runtime(model, settings, roles) as runtime:
+    with _runtime(model, settings, roles, chat_template) as runtime:
         layout = _layout(runtime, item.schema, n_ctx)
         per_token = settings.kv_bytes_per_token(runtime.model.info)
         model_name = runtime.model.path.name
+        window = SlidingWindow.measure(runtime, per_token)
     if as_json:
-        click.echo(json.dumps(_json(layout, per_token, model_name, settings), indent=2))
+        data = _json(layout, per_token, model_name, settings)
+        if window is not None:
+            data["sliding_window"] = window.as_dict()
+        click.echo(json.dumps(data, indent=2))
     else:
-        click.echo(_tree(layout, per_token, model_name, settings))
+        click.echo(_tree(layout, per_token, model_name, settings)
+                   + (f"\n{window.describe(settings.n_ctx)}" if window is not None else ""))
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """What a sliding-window model's KV costs: pccpu keeps every cell of every layer (llama.cpp's ``swa_full``), so
+    that modules are saved and restored whole (pccpu/engine/swa.py); llama.cpp's default keeps only the window's
+    cells of the sliding layers."""
+
+    n_swa: int
+    swa_layers: int
+    n_layer: int
+    n_ubatch: int
+    swa_bytes_per_token: float
+    per_token: float
+
+    @classmethod
+    def measure(cls, runtime: Runtime, per_token: float) -> SlidingWindow | None:
+        info = runtime.model.info
+        if not info.n_swa:
+            return None
+        share = runtime.context.swa_kv_share()
+        return cls(info.n_swa, round(share * info.n_layer), info.n_layer, runtime.settings.n_ubatch,
+                   share * per_token, per_token)
+
+    def default_cells(self, n_ctx: int) -> int:
+        """Cells of the sliding layers in a one-sequence llama.cpp context without swa_full (llama-kv-cache-iswa.cpp:
+        the window plus a micro-batch, padded to 256)."""
+        return min(n_ctx, -(-(self.n_swa + self.n_ubatch) // 256) * 256)
+
+    def context_bytes(self, n_ctx: int, swa_full: bool) -> float:
+        swa_cells = n_ctx if swa_full else self.default_cells(n_ctx)
+        return n_ctx * (self.per_token - self.swa_bytes_per_token) + swa_cells * self.swa_bytes_per_token
+
+    def describe(self, n_ctx: int) -> str:
+        return (f"sliding window: {self.swa_layers} of {self.n_layer} layers see the last {self.n_swa} positions; "
+                f"pccpu keeps every cell of them (swa_full) so modules are saved and restored whole: a full "
+                f"n_ctx={n_ctx} context is {human_bytes(self.context_bytes(n_ctx, True))} of KV, "
+                f"{human_bytes(self.context_bytes(n_ctx, False))} with llama.cpp's default (those layers keep "
+                f"{self.default_cells(n_ctx)} cells); stored modules hold every cell either way")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"n_swa": self.n_swa, "swa_layers": self.swa_layers, "n_layer": self.n_layer,
+                "swa_kv_bytes_per_token": self.swa_bytes_per_token}
 
 
 def _kv(mod: ModuleLayout, per_token: float) -> int:

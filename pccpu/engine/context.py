@@ -41,6 +41,7 @@ KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_
 KV_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
                  "q5_0": 22 / 32, "q5_1": 24 / 32}
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in llama-cparams.h
+_SWA_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_SWA_ONLY (llama.h): a sequence state of the sliding-window layers alone
 
 
 def _c_strlen() -> int | None:
@@ -350,6 +351,26 @@ class LlamaContext:
         """Whether a token decoded at ``pos`` into ``seq_id`` would find every sliding-window cell it attends to
         (always true for models without SWA layers)."""
         return self._floor.get(seq_id, -1) < max(pos - self.n_swa + 1, 0) if self.n_swa else True
+
+    def swa_kv_share(self) -> float:
+        """The share of a cell's KV bytes that lives in sliding-window layers (0.0 without them), measured: two
+        tokens decoded into the internal sequence, then the size of its state with and without the SWA-only flag,
+        per cell. (llama.h says which layers slide only through the cache it builds.)"""
+        if not self.n_swa:
+            return 0.0
+        with self._lock:
+            llama_cpp, seq = lib(), self._internal_seq
+            token = max(self.model.bos_token, 0)
+            self._fill_batch(np.array([token, token], dtype=np.int32), seq, 0, "none", True)
+            try:
+                self._decode_batch()
+                size = llama_cpp.llama_state_seq_get_size_ext
+                full2, swa2 = size(self.handle, seq, 0), size(self.handle, seq, _SWA_ONLY)
+                llama_cpp.llama_memory_seq_rm(self._memory, seq, 1, -1)
+                full1, swa1 = size(self.handle, seq, 0), size(self.handle, seq, _SWA_ONLY)
+            finally:
+                llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+            return (swa2 - swa1) / (full2 - full1) if full2 > full1 else 0.0
 
     def _pos_mins(self) -> list[int] | None:
         if not self.n_swa:

@@ -70,6 +70,10 @@ class Context(Protocol):
 
     def apply_pending_shift(self) -> None: ...
 
+    def swa_kv_share(self) -> float:
+        """The share of a cell's KV bytes in sliding-window layers (0.0 without them)."""
+        ...
+
     def window_intact(self, seq_id: int, pos: int) -> bool:
         """Whether a decode at ``pos`` finds every sliding-window cell it needs (see ``LlamaContext``)."""
         ...

@@ -16,8 +16,8 @@ from typing import Any, Union
 
 from pccpu.errors import InternalError, LayoutOverflowError, ParameterError
 from pccpu.pml import schema as s
-from pccpu.pml.text import pieces_to_pml, render_pieces
-from pccpu.roles import RoleRenderer, Tokenizer
+from pccpu.pml.text import InOrder, pieces_to_pml
+from pccpu.roles import RoleRenderer, RoleTag, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class SchemaLayout:
     source: str | None = None
     unions: dict[str, UnionLayout] = field(default_factory=dict)
     bos_tokens: tuple[int, ...] = ()
+    last_tag: RoleTag | None = None  # the schema's last role tag in document order (a prompt's text follows it)
 
     @property
     def root(self) -> ModuleLayout:
@@ -212,7 +213,7 @@ def build_layout(
     bos = tuple(bos_tokens)
     root = builder.module(schema.body, "", schema.name, None, 0, None, True, prefix=bos)
     layout = SchemaLayout(name=schema.name, modules=builder.modules, span=root.end, source=schema.source,
-                          unions=builder.unions, bos_tokens=bos)
+                          unions=builder.unions, bos_tokens=bos, last_tag=builder.text.previous)
     if n_ctx is not None and layout.span > n_ctx:
         raise LayoutOverflowError(f"schema {schema.name!r} spans {layout.span} positions, more than the model's "
                                   f"context of n_ctx={n_ctx}", source=schema.source)
@@ -224,7 +225,7 @@ class _LayoutBuilder:
     def __init__(self, schema: s.Schema, tokenizer: Tokenizer, roles: RoleRenderer) -> None:
         self.schema = schema
         self.tokenizer = tokenizer
-        self.roles = roles
+        self.text = InOrder(roles)
         self.modules: dict[str, ModuleLayout] = {}
         self.unions: dict[str, UnionLayout] = {}
 
@@ -239,7 +240,7 @@ class _LayoutBuilder:
         n_unions = 0
         for node in nodes:
             if isinstance(node, s.Text):
-                text = render_pieces(node.pieces, self.roles)
+                text = self.text.render(node.pieces)
                 tokens = tuple(self.tokenizer.tokenize(text)) if text else ()
                 if tokens:
                     body.append(TextChunk(path, cursor, tokens, pieces_to_pml(node.pieces)))
@@ -259,8 +260,14 @@ class _LayoutBuilder:
             else:
                 uid = f"{path}#{n_unions}"
                 n_unions += 1
-                members = [self.module(m.body, _join(path, m.name), m.name, path, cursor, uid, m.cache)
-                           for m in node.members]
+                members = []
+                before, after = self.text.previous, set()
+                for m in node.members:  # alternatives: each follows the tag before the union
+                    self.text.previous = before
+                    members.append(self.module(m.body, _join(path, m.name), m.name, path, cursor, uid, m.cache))
+                    after.add(self.text.previous)
+                # what follows the union follows one of them: known only when they all end alike
+                self.text.previous = after.pop() if len(after) == 1 else None
                 end = max(m.end for m in members)
                 union = UnionLayout(uid, path, cursor, end, tuple(m.path for m in members),
                                     _join(path, node.scaffold) if node.scaffold else None)

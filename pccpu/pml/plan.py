@@ -34,7 +34,7 @@ from pccpu.errors import (
 )
 from pccpu.pml.layout import NestedModule, ParameterSlot, SchemaLayout, TextChunk, UnionLayout
 from pccpu.pml.prompt import ModuleRef, Prompt, PromptText
-from pccpu.pml.text import render_pieces
+from pccpu.pml.text import InOrder
 from pccpu.roles import RoleRenderer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,10 @@ def resolve_prompt(
     trailing: list[tuple[int, ...]] = []
     pending: list[tuple[int, ...]] = []
     previous: str | None = None
+    in_order = InOrder(roles, layout.last_tag)
     for item in prompt.items:
         if isinstance(item, PromptText):
-            text = render_pieces(item.pieces, roles)
+            text = in_order.render(item.pieces)
             tokens = tuple(tokenizer.tokenize(text)) if text else ()
             if tokens:
                 pending.append(tokens)

@@ -81,9 +81,24 @@ def merge_pieces(raw: Iterable[Piece]) -> Pieces:
     return tuple(out)
 
 
-def render_pieces(pieces: Iterable[Piece], roles: RoleRenderer) -> str:
-    """The model text of some pieces: strings as they are, role tags through the renderer."""
-    return "".join(p if isinstance(p, str) else roles.render(p) for p in pieces)
+class InOrder:
+    """Renders the pieces of a document in document order: strings as they are, role tags through the renderer,
+    each knowing the tag before it (a template that folds the system message into the first user turn renders
+    ``<user>`` right after ``</system>`` as nothing). ``previous``: the last tag rendered."""
+
+    def __init__(self, roles: RoleRenderer, previous: RoleTag | None = None) -> None:
+        self.roles = roles
+        self.previous = previous
+
+    def render(self, pieces: Iterable[Piece]) -> str:
+        out: list[str] = []
+        for piece in pieces:
+            if isinstance(piece, str):
+                out.append(piece)
+            else:
+                out.append(self.roles.render_after(piece, self.previous))
+                self.previous = piece
+        return "".join(out)
 
 
 def pieces_to_pml(pieces: Iterable[Piece]) -> str:

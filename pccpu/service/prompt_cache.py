@@ -94,6 +94,7 @@ class PromptCache:
         n_seq_max: int = 16,
         mode: str = "sequential",
         roles: str = "auto",
+        chat_template: str | None = None,
         store_dir: str | Path | None = None,
         namespace: str = "default",
         ram_budget: int | None = None,
@@ -124,6 +125,8 @@ class PromptCache:
         conversation prefix: the full prefill's answer) or ``"compose"`` (wherever they appear, repaired).
         ``store_url``: a Redis server (``redis://HOST:PORT/DB``) that several machines share as a remote tier behind
         RAM and disk; each module is encoded once per fleet (see docs/remote-store.md).
+        ``chat_template``: a Jinja chat template used instead of the model's own for role tags and ``chat()`` (a
+        base model's GGUF has none).
         ``runtime``: an opened model and context to use instead of ``model`` and the engine settings (tests pass a
         fake engine here).
         """
@@ -148,10 +151,12 @@ class PromptCache:
                                        n_seq_max=n_seq_max + resident_seqs, flash_attn=flash_attn, type_k=type_k,
                                        type_v=type_v, offload_kqv=offload_kqv, n_threads=threads,
                                        n_threads_batch=threads)
-            runtime = Runtime.open(model, settings, roles=roles, n_gpu_layers=gpu_layers,
+            runtime = Runtime.open(model, settings, roles=roles, chat_template=chat_template, n_gpu_layers=gpu_layers,
                                    reserve_bytes=resident_budget)
         elif model is not None:
             raise ConfigError("give a model or a runtime, not both")
+        elif chat_template is not None:
+            raise ConfigError("a chat template goes with a model; an opened runtime has its roles already")
         self._runtime = runtime
         self.n_ctx = runtime.n_ctx  # the longest prompt plus answer; the context has extra cells for resident runs
         try:

@@ -29,14 +29,20 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return resolve_model(None if model is None else str(model))
 
 
-def chat_roles_for(model: Model, mode: str = "auto") -> ChatRoles:
+def chat_roles_for(model: Model, mode: str = "auto", template: str | None = None) -> ChatRoles:
+    """The role pieces for ``mode``. ``template``: a Jinja chat template to use instead of the model's own (a base
+    model's GGUF has none; gemma-3-270m with the Gemma 3 instruction template, for example)."""
     if mode not in ROLE_MODES:
         raise ConfigError(f"roles must be one of {', '.join(ROLE_MODES)}, got {mode!r}")
+    if template is not None and mode not in ("auto", "template"):
+        raise ConfigError(f"a chat template was given, but roles={mode!r} does not use one: use roles='template'")
     if mode == "plain":
         return ChatRoles.plain()
     if mode == "chatml":
         return ChatRoles.chatml()
-    template = model.chat_template
+    if template is not None and not template.strip():
+        raise ConfigError("the chat template given is empty")
+    template = template if template is not None else model.chat_template
     if template is None:
         if mode == "template":
             raise ConfigError(f"{model.path.name} has no chat template; use roles='plain' or roles='chatml'")
@@ -71,15 +77,17 @@ class Runtime:
         settings: ContextSettings | None = None,
         *,
         roles: str = "auto",
+        chat_template: str | None = None,
         n_gpu_layers: int | str = 0,
         reserve_bytes: int = 0,
     ) -> Runtime:
         """Load the model and create its context. ``reserve_bytes``: KV memory on top of ``settings.n_ctx``, as
-        whole cells (for resident modules); ``reserved_cells`` says how many."""
+        whole cells (for resident modules); ``reserved_cells`` says how many. ``chat_template``: instead of the
+        model's own (see ``chat_roles_for``)."""
         path = resolve_model_path(model)
         llama_model = LlamaModel(path, n_gpu_layers=parse_gpu_layers(n_gpu_layers))
         try:
-            chat_roles = chat_roles_for(llama_model, roles)
+            chat_roles = chat_roles_for(llama_model, roles, chat_template)
             settings = settings or ContextSettings()
             reserved = int(reserve_bytes // settings.kv_bytes_per_token(llama_model.info)) if reserve_bytes > 0 else 0
             if reserved:

@@ -274,22 +274,19 @@ class ChatRoles:
         out: list[str] = []
         prev: RoleTag | None = None
         for tag in tags:
-            role = Role(tag.role)
-            if role is Role.SYSTEM and self._p.system_folded and tag.kind != "empty":
-                out.append(self._render(role, tag.kind))
-            elif (
-                self._p.system_folded
-                and role is Role.USER
-                and tag.kind == "open"
-                and prev is not None
-                and prev.role is Role.SYSTEM
-                and prev.kind == "close"
-            ):
-                out.append("")
-            else:
-                out.append(self.render(tag))
+            out.append(self.render_after(tag, prev))
             prev = tag
         return out
+
+    def render_after(self, tag: RoleTag, previous: RoleTag | None) -> str:
+        """The text of ``tag`` where ``previous`` is the role tag before it in the document (see ``render_tags``)."""
+        role = Role(tag.role)
+        if role is Role.SYSTEM and self._p.system_folded and tag.kind != "empty":
+            return self._render(role, tag.kind)
+        if (self._p.system_folded and role is Role.USER and tag.kind == "open" and previous is not None
+                and previous.role is Role.SYSTEM and previous.kind == "close"):
+            return ""
+        return self.render(tag)
 
     def _render(self, role: Role, kind: str) -> str:
         if kind == "open":
