@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import queue
 import socket
 import threading
@@ -38,8 +40,11 @@ class RunningServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
-def start_server(cache: PromptCache, **settings: Any) -> RunningServer:
+def start_server(cache: PromptCache, *, send_buffer: int | None = None, **settings: Any) -> RunningServer:
+    """``send_buffer``: SO_SNDBUF of the listening socket, which accepted connections inherit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     app = create_app(cache, ServerSettings(model_id=MODEL, **settings))
@@ -295,6 +300,87 @@ def test_a_client_that_disconnects_stops_its_generation(served: RunningServer,
     served.client().chat.completions.create(model=MODEL, temperature=0, max_tokens=1,
                                             messages=[{"role": "user", "content": "hi"}])
     assert 2 <= len(generated) < 50  # stopped soon after the disconnect, far from the 1,500 asked for
+
+
+def test_a_client_that_stops_reading_holds_the_model_no_longer_than_its_answer(
+        fake_cache: FakeCacheFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a client that never reads a long answer (small socket buffers on both ends): the server's writes back up
+    # (uvicorn waits for the transport to drain), yet the worker hands its pieces to an unbounded queue, finishes
+    # the answer and serves the next request
+    running = start_server(fake_cache(n_ctx=4096, min_chunk_tokens=16), send_buffer=4096, max_new_tokens=8)
+    model = running.cache._runtime.model  # the fake engine (internal on purpose): its answers never end early
+    monkeypatch.setattr(model, "is_end_of_generation", lambda token: False)
+    body = json.dumps({"model": MODEL, "messages": messages(), "max_tokens": 2000, "temperature": 0,
+                       "stream": True}).encode()
+    stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        stalled.connect(("127.0.0.1", int(running.url.rsplit(":", 1)[1])))
+        stalled.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                        b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() +
+                        b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while not any(getattr(c, "flow", None) is not None and c.flow.write_paused
+                      for c in running.server.server_state.connections):
+            assert time.monotonic() < deadline, "the unread stream never filled the socket buffers"
+            time.sleep(0.05)  # until the stream waits for the client to read
+        reply = running.client().with_options(timeout=60).chat.completions.create(
+            model=MODEL, temperature=0, max_tokens=1, messages=[{"role": "user", "content": "hi"}])
+        assert reply.choices[0].message.content is not None
+        assert any(c.flow.write_paused for c in running.server.server_state.connections)  # still not read
+    finally:
+        stalled.close()
+        stop_server(running)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.parametrize(("args", "expected"), [([], 5), (["--idle-timeout", "1"], 1)])
+def test_serve_idle_timeout_closes_kept_alive_connections(fake_cache: FakeCacheFactory,
+                                                          monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                          expected: int) -> None:
+    """``pccpu serve --idle-timeout`` reaches uvicorn: the real command (on the fake engine) closes a kept-alive
+    connection after that many idle seconds."""
+    from pccpu.cli import serve as serve_cli
+
+    servers: list[uvicorn.Server] = []
+
+    class Recorded(uvicorn.Server):  # the server uvicorn.run builds, kept to stop it afterwards
+        def __init__(self, config: uvicorn.Config) -> None:
+            super().__init__(config)
+            servers.append(self)
+
+    monkeypatch.setattr(importlib.import_module("uvicorn.main"), "Server", Recorded)
+    monkeypatch.setattr(serve_cli, "open_prompt_cache", lambda **opts: fake_cache())
+    port = free_port()
+    thread = threading.Thread(target=serve_cli.serve.main, daemon=True,
+                              args=(["--port", str(port), "--model-id", MODEL, *args],),
+                              kwargs={"standalone_mode": False})
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (servers and servers[0].started):
+        assert time.monotonic() < deadline and thread.is_alive(), "pccpu serve did not start"
+        time.sleep(0.02)
+    try:
+        assert servers[0].config.timeout_keep_alive == expected
+        if expected <= 2:  # waiting for the default's 5 s would only slow the quick loop down
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # HTTP/1.1: kept alive
+                received = conn.recv(65536)
+                answered = time.monotonic()
+                while chunk := conn.recv(65536):  # b"" once the server closes the connection
+                    received += chunk
+                idle = time.monotonic() - answered
+            assert received.startswith(b"HTTP/1.1 200")
+            assert expected - 0.5 < idle < 4.5  # closed by the idle timeout; uvicorn's default would wait 5 s
+    finally:
+        servers[0].should_exit = True
+        thread.join(timeout=30)
+    assert not thread.is_alive()
 
 
 def test_conversations_without_a_key_are_found_by_content(served: RunningServer) -> None:

@@ -31,9 +31,13 @@ logger = logging.getLogger(__name__)
                    "a full prefill) or compose (documents and messages reused wherever they appear, repaired at "
                    "their start; close to full prefill, not equal). A request can choose with "
                    "{\"pccpu\": {\"reuse\": ...}}.")
+@click.option("--idle-timeout", type=click.IntRange(1, 86400), default=5, show_default=True, metavar="SECONDS",
+              help="Close a kept-alive HTTP connection after this many seconds without a request (uvicorn's "
+                   "timeout_keep_alive). A request in progress is not cut: a client that disconnects stops its "
+                   "generation, and one that stops reading holds the model no longer than its max_tokens.")
 @cache_options
 def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int, max_new_tokens: int,
-          pml_root: str | None, reuse: str, **opts: Any) -> None:
+          pml_root: str | None, reuse: str, idle_timeout: int, **opts: Any) -> None:
     """Serve /v1/chat/completions, /v1/models, /health and /metrics over HTTP."""
     import uvicorn
 
@@ -49,7 +53,7 @@ def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_q
     app = create_app(cache, settings)
     click.echo(f"serving {name} on http://{host}:{port}/v1", err=True)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=idle_timeout)
     finally:
         cache.close()
 
