@@ -362,6 +362,7 @@ class LlamaContext:
             llama_cpp, seq = lib(), self._internal_seq
             token = max(self.model.bos_token, 0)
             self._fill_batch(np.array([token, token], dtype=np.int32), seq, 0, "none", True)
+            lows = self._pos_mins()
             try:
                 self._decode_batch()
                 size = llama_cpp.llama_state_seq_get_size_ext
@@ -370,6 +371,7 @@ class LlamaContext:
                 full1, swa1 = size(self.handle, seq, 0), size(self.handle, seq, _SWA_ONLY)
             finally:
                 llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
+                self._note_purges(lows)
             return (swa2 - swa1) / (full2 - full1) if full2 > full1 else 0.0
 
     def _pos_mins(self) -> list[int] | None:
@@ -405,10 +407,12 @@ class LlamaContext:
                 return
             token = max(self.model.bos_token, 0)
             self._fill_batch(np.array([token], dtype=np.int32), self._internal_seq, 0, "none", True)
+            lows = self._pos_mins()  # the token's cell may be one a sliding window no longer sees
             try:
                 self._decode_batch()
             finally:
                 lib().llama_memory_seq_rm(self._memory, self._internal_seq, -1, -1)
+                self._note_purges(lows)
 
     def seq_pos_min(self, seq_id: int) -> int:
         """Smallest position held by the sequence, -1 when it is empty."""
