@@ -8,13 +8,14 @@ with a typed error from ``pccpu.errors``, before any C call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
 import logging
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -272,11 +273,9 @@ class LlamaContext:
                     "(llama.cpp extends a sequence only at pos_max + 1)"
                 )
             if last >= 0 and not self.window_intact(seq_id, start):
-                raise WindowLostError(
-                    f"sequence {seq_id} no longer holds the sliding-window cells of positions up to "
-                    f"{self._floor.get(seq_id)} (llama.cpp reused them), and a token at {start} attends to positions "
-                    f"from {max(start - self.n_swa + 1, 0)}: remove the sequence and restore or decode it again"
-                )
+                raise self._window_lost(seq_id, f"a token at {start} attends to positions from "
+                                        f"{max(start - self.n_swa + 1, 0)}: remove the sequence and restore or "
+                                        "decode it again")
             lows = self._pos_mins()
             out = np.empty((n, self._n_vocab), dtype=np.float32) if logits == "all" else None
             result: np.ndarray | None = None
@@ -358,21 +357,31 @@ class LlamaContext:
         per cell. (llama.h says which layers slide only through the cache it builds.)"""
         if not self.n_swa:
             return 0.0
-        with self._lock:
+        with self._lock, self._internal_tokens(2):
             llama_cpp, seq = lib(), self._internal_seq
-            token = max(self.model.bos_token, 0)
-            self._fill_batch(np.array([token, token], dtype=np.int32), seq, 0, "none", True)
-            lows = self._pos_mins()
-            try:
-                self._decode_batch()
-                size = llama_cpp.llama_state_seq_get_size_ext
-                full2, swa2 = size(self.handle, seq, 0), size(self.handle, seq, _SWA_ONLY)
-                llama_cpp.llama_memory_seq_rm(self._memory, seq, 1, -1)
-                full1, swa1 = size(self.handle, seq, 0), size(self.handle, seq, _SWA_ONLY)
-            finally:
-                llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
-                self._note_purges(lows)
-            return (swa2 - swa1) / (full2 - full1) if full2 > full1 else 0.0
+            size = llama_cpp.llama_state_seq_get_size_ext
+            full2, swa2 = size(self.handle, seq, 0), size(self.handle, seq, _SWA_ONLY)
+            llama_cpp.llama_memory_seq_rm(self._memory, seq, 1, -1)
+            full1, swa1 = size(self.handle, seq, 0), size(self.handle, seq, _SWA_ONLY)
+        return (swa2 - swa1) / (full2 - full1) if full2 > full1 else 0.0
+
+    @contextlib.contextmanager
+    def _internal_tokens(self, n: int) -> Iterator[None]:
+        """``n`` throwaway tokens (BOS) decoded into the internal sequence for the body, removed after it. Their
+        cells may be ones a sliding window no longer sees: purges are noted as for any decode."""
+        token = max(self.model.bos_token, 0)
+        self._fill_batch(np.full(n, token, dtype=np.int32), self._internal_seq, 0, "none", True)
+        lows = self._pos_mins()
+        try:
+            self._decode_batch()
+            yield
+        finally:
+            lib().llama_memory_seq_rm(self._memory, self._internal_seq, -1, -1)
+            self._note_purges(lows)
+
+    def _window_lost(self, seq_id: int, consequence: str) -> WindowLostError:
+        return WindowLostError(f"sequence {seq_id} no longer holds the sliding-window cells of positions up to "
+                               f"{self._floor.get(seq_id)} (llama.cpp reused them), {consequence}")
 
     def _pos_mins(self) -> list[int] | None:
         if not self.n_swa:
@@ -405,14 +414,8 @@ class LlamaContext:
         with self._lock:
             if not self._shift_pending:
                 return
-            token = max(self.model.bos_token, 0)
-            self._fill_batch(np.array([token], dtype=np.int32), self._internal_seq, 0, "none", True)
-            lows = self._pos_mins()  # the token's cell may be one a sliding window no longer sees
-            try:
-                self._decode_batch()
-            finally:
-                lib().llama_memory_seq_rm(self._memory, self._internal_seq, -1, -1)
-                self._note_purges(lows)
+            with self._internal_tokens(1):
+                pass
 
     def seq_pos_min(self, seq_id: int) -> int:
         """Smallest position held by the sequence, -1 when it is empty."""
@@ -524,10 +527,7 @@ class LlamaContext:
             if not self.n_swa:
                 return self._state_get(seq_id, into)
             if self._floor.get(seq_id, -1) >= 0:
-                raise WindowLostError(
-                    f"sequence {seq_id} no longer holds the sliding-window cells of positions up to "
-                    f"{self._floor[seq_id]} (llama.cpp reused them), so its state cannot be saved whole"
-                )
+                raise self._window_lost(seq_id, "so its state cannot be saved whole")
             parts = []
             scratch = self._internal_seq
             for p0, p1 in swa.part_ranges(self.seq_pos_min(seq_id), self.seq_pos_max(seq_id), self.n_swa):
