@@ -89,6 +89,7 @@ RAG_QUESTIONS = (
     "Which document is the most optimistic, and why?",
     "Quote one sentence about work from these documents.",
 )
+WORKLOADS = ("chats", "rag", "restart")
 CONVERSATIONS = "ABC"
 RAG_PICK = 3
 # how the documents are sized to the context: this much is kept for the system message, the chat template's tokens
@@ -475,8 +476,8 @@ def run_rag(server: Running, run: Run, corpus: Corpus, max_tokens: int) -> None:
 
 
 def run_system(system: str, rep: int, settings: Settings, corpus: Corpus, turns: int, work: Path,
-               logs: Path) -> Run:
-    """One repetition of every workload on a fresh server (and a fresh pccpu store); the server's output goes to
+               logs: Path, workloads: tuple[str, ...] = WORKLOADS) -> Run:
+    """One repetition of ``workloads`` on a fresh server (and a fresh pccpu store); the server's output goes to
     ``logs``."""
     run = Run(system, settings.n_ctx, rep)
     began = time.perf_counter()
@@ -485,9 +486,14 @@ def run_system(system: str, rep: int, settings: Settings, corpus: Corpus, turns:
     log = logs / f"{system}-{settings.n_ctx}-{rep}.log"
     with running_server(system, settings, home, log) as server:
         run.start_s.append(server.start_s)
-        run_chats(server, run, corpus, turns, settings.max_tokens)
-        run_rag(server, run, corpus, settings.max_tokens)
+        if "chats" in workloads:
+            run_chats(server, run, corpus, turns, settings.max_tokens)
+        if "rag" in workloads:
+            run_rag(server, run, corpus, settings.max_tokens)
     run.peak_rss_mib.append(server.rss.peak_bytes / (1 << 20))
+    if "restart" not in workloads:
+        run.wall_s = time.perf_counter() - began
+        return run
     with running_server(system, settings, home, log) as server:  # the same store: what survives a restart
         run.start_s.append(server.start_s)
         run.ask(server, "restart", "A1", 1, first_chat_messages(corpus, 0), settings.max_tokens)
@@ -499,24 +505,34 @@ def run_system(system: str, rep: int, settings: Settings, corpus: Corpus, turns:
 
 # -- summary -----------------------------------------------------------------------------------------------------
 SEGMENTS = (("chats, first turn", "chats", "first"), ("chats, follow-ups", "chats", "follow-up"), ("rag", "rag", ""),
+            ("rag, an essay new", "rag", "new"), ("rag, every essay seen before", "rag", "seen"),
             ("restart, chat A1", "restart", "A1"), ("restart, rag r0", "restart", "r0"))
 
 
-def in_segment(sample: Sample, workload: str, which: str) -> bool:
+def new_essays(picks: tuple[tuple[int, ...], ...], index: int) -> int:
+    """How many of RAG request ``index``'s essays no earlier request of the repetition carried."""
+    earlier = {doc for pick in picks[:index] for doc in pick}
+    return sum(doc not in earlier for doc in picks[index])
+
+
+def in_segment(sample: Sample, workload: str, which: str, picks: tuple[tuple[int, ...], ...]) -> bool:
     if sample.workload != workload:
         return False
     if which in ("first", "follow-up"):
         return (sample.turn == 1) == (which == "first")
+    if which in ("new", "seen"):  # rag labels are r<index>
+        return (new_essays(picks, int(sample.label[1:])) > 0) == (which == "new")
     return not which or sample.label == which
 
 
-def summarize(samples: list[Sample], systems: list[str], n_ctxs: list[int]) -> list[dict[str, Any]]:
+def summarize(samples: list[Sample], systems: list[str], n_ctxs: list[int],
+              picks: tuple[tuple[int, ...], ...]) -> list[dict[str, Any]]:
     rows = []
     for n_ctx in n_ctxs:
         for system in systems:
             for name, workload, which in SEGMENTS:
                 group = [s for s in samples if s.system == system and s.n_ctx == n_ctx
-                         and in_segment(s, workload, which)]
+                         and in_segment(s, workload, which, picks)]
                 if not group:
                     continue
                 ttft = np.array([s.ttft_ms for s in group])
@@ -532,24 +548,29 @@ def summarize(samples: list[Sample], systems: list[str], n_ctxs: list[int]) -> l
 
 
 def agreement(samples: list[Sample], systems: list[str]) -> list[dict[str, Any]]:
-    """pccpu's greedy answers against each other system's, request by request (the same context, repetition and
-    label): how many requests were the same messages (follow-ups differ once an earlier answer did; RAG requests
-    differ for a server sent joined parts), and of those how many answers are equal."""
+    """pccpu's greedy answers (``pccpu``, else the first pccpu system run) against each other system's, request by
+    request (the same context, repetition and label): how many requests were the same messages (follow-ups differ
+    once an earlier answer did; RAG requests differ for a server sent joined parts), and of those how many answers
+    are equal."""
+    mine = [s for s in systems if kind(s) == "pccpu"]
+    if not mine:
+        return []
+    name = "pccpu" if "pccpu" in mine else mine[0]
     out = []
-    ours = {(s.n_ctx, s.rep, s.workload, s.label): s for s in samples if s.system == "pccpu"}
+    ours = {(s.n_ctx, s.rep, s.workload, s.label): s for s in samples if s.system == name}
     for other in systems:
-        if other == "pccpu":
+        if other == name:
             continue
         pairs = [(ours[k], s) for s in samples if s.system == other
                  and (k := (s.n_ctx, s.rep, s.workload, s.label)) in ours]
         same = [(a, b) for a, b in pairs if a.request == b.request]
         counted = [(a, b) for a, b in same if a.prompt_tokens is not None and b.prompt_tokens is not None]
-        out.append({"against": other, "requests": len(pairs), "same_request": len(same),
+        out.append({"system": name, "against": other, "requests": len(pairs), "same_request": len(same),
                     "prompt_tokens_known": len(counted),
                     "same_prompt_tokens": sum(a.prompt_tokens == b.prompt_tokens for a, b in counted),
                     "same_answer": sum(a.answer == b.answer for a, b in same),
                     "differing": [{"n_ctx": a.n_ctx, "rep": a.rep, "label": f"{a.workload} {a.label}",
-                                   "pccpu": a.answer, other: b.answer} for a, b in same if a.answer != b.answer][:12]})
+                                   name: a.answer, other: b.answer} for a, b in same if a.answer != b.answer][:12]})
     return out
 
 
@@ -633,6 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-ctx", default="2048,4096", help="comma list of context sizes (workloads sized to each)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     parser.add_argument("--docs", type=int, default=20, help="the RAG pool's size (essays)")
     parser.add_argument("--rag-requests", type=int, default=8, help="RAG requests per repetition")
     parser.add_argument("--turns", type=int, default=4, help="turns per chat conversation")
@@ -648,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in args.systems.split(",") if s]
     if unknown := [s for s in systems if s not in SYSTEMS]:
         parser.error(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
+    workloads = tuple(w for w in args.workloads.split(",") if w)
+    if not workloads or (unknown := [w for w in workloads if w not in WORKLOADS]):
+        parser.error(f"--workloads {args.workloads!r}: a comma list of {', '.join(WORKLOADS)}")
     try:
         n_ctxs = [int(n) for n in args.n_ctx.split(",") if n]
     except ValueError:
@@ -675,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     corpora = build_corpora(model_path, n_ctxs, args.docs, args.rag_requests, args.turns, args.max_tokens, args.seed)
     meta = {"time": time.time(), "argv": sys.argv, "systems": systems, "n_ctx": n_ctxs, "model": str(model_path),
             "threads": args.threads, "max_tokens": args.max_tokens, "docs": args.docs, "turns": args.turns,
-            "rag_requests": args.rag_requests, "seed": args.seed,
+            "rag_requests": args.rag_requests, "workloads": workloads, "seed": args.seed,
             "model_sha256": file_sha256_cached(model_path), "machine": machine.machine_info(args.threads),
             "versions": versions(),
             "llama_options": {s: llama_options(s) for s in systems if kind(s) == "llama-server"},
@@ -694,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
         samples = [s for r in runs for s in r.samples]
-        rows, agree, servers = summarize(samples, systems, n_ctxs), agreement(samples, systems), per_server(
+        rows, agree, servers = summarize(samples, systems, n_ctxs, corpora[0].rag_picks), agreement(
+            samples, systems), per_server(
             runs, systems, n_ctxs)
         path.write_text(json.dumps({"meta": meta, "summary": rows, "agreement": agree, "servers": servers,
                                     "runs": [{"system": r.system, "n_ctx": r.n_ctx, "rep": r.rep,
@@ -708,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = Settings(str(model_path), corpus.n_ctx, args.threads, args.max_tokens)
             for rep in range(args.runs):
                 for system in systems if rep % 2 == 0 else systems[::-1]:
-                    runs.append(run_system(system, rep, settings, corpus, args.turns, Path(tmp), logs))
+                    runs.append(run_system(system, rep, settings, corpus, args.turns, Path(tmp), logs, workloads))
                     save()
     rows, agree, servers = save()
     print(table(rows))
@@ -717,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     for a in agree:
         tokens = (f"{a['same_prompt_tokens']} of {a['prompt_tokens_known']} with the same prompt token count"
                   if a["prompt_tokens_known"] else "prompt token counts not reported")
-        print(f"pccpu vs {a['against']}: {a['same_request']}/{a['requests']} identical requests ({tokens}), "
+        print(f"{a['system']} vs {a['against']}: {a['same_request']}/{a['requests']} identical requests ({tokens}), "
               f"{a['same_answer']} same greedy answers")
     print(f"raw results: {path}; server logs: {logs}")
     return 0
