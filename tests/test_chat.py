@@ -43,6 +43,10 @@ def pc(fake_cache: FakeCacheFactory) -> PromptCache:
     ([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], "images and audio are not supported"),
     ([{"role": "user", "content": 3}], "must be a string or a non-empty list"),
     (["hello"], "must be an object"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": "yes"}]}],
+     r"content\[0\].cache_control must be"),
+    ([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "persistent"}}]}],
+     "ephemeral"),
 ])
 def test_bad_messages_are_option_errors(pc: PromptCache, messages: list[Any], message: str) -> None:
     with pytest.raises(OptionError, match=message):
@@ -75,6 +79,50 @@ def test_chunks_chain_their_keys_and_merge_small_messages(pc: PromptCache) -> No
     assert [c.key is None for c in one_by_one] == [False, False, False, True]
     assert build_chunks(conversation("When?"), runtime, seed="t", n_ctx=4096, min_chunk_tokens=64)[0].key \
         != first[0].key
+
+
+@pytest.mark.parametrize("reuse", ["exact", "compose"])
+def test_a_cache_control_marker_ends_a_chunk_however_short(pc: PromptCache, reuse: str) -> None:
+    runtime = pc._runtime
+    instruction = "Answer in French."  # far below min_chunk_tokens: merged into the next chunk unless marked
+    plain = [{"role": "system", "content": "You answer from the document."},
+             {"role": "user", "content": [{"type": "text", "text": instruction}, {"type": "text", "text": DOC},
+                                          {"type": "text", "text": "When?"}]}]
+    marked = [plain[0], {"role": "user", "content": [
+        {"type": "text", "text": instruction, "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": DOC}, {"type": "text", "text": "When?"}]}]
+    unmarked = build_chunks(plain, runtime, seed="s", n_ctx=4096, min_chunk_tokens=64, reuse=reuse)  # type: ignore[arg-type]
+    chunks = build_chunks(marked, runtime, seed="s", n_ctx=4096, min_chunk_tokens=64, reuse=reuse)  # type: ignore[arg-type]
+    assert "message 1 part 0" not in [c.label for c in unmarked]  # merged with a neighbour
+    assert "message 1 part 0" in [c.label for c in chunks]  # a module of its own
+    part = next(c for c in chunks if c.label == "message 1 part 0")
+    assert part.key is not None and len(part.tokens) < 64
+    # the same tokens at the same places: only where the chunks end differs
+    assert [t for c in chunks for t in c.tokens] == [t for c in unmarked for t in c.tokens]
+
+
+@pytest.mark.parametrize("reuse", ["exact", "compose"])
+def test_a_marked_short_part_is_reused_by_the_next_request(fake_cache: FakeCacheFactory, reuse: str) -> None:
+    pc = fake_cache(min_chunk_tokens=64, chat_reuse=reuse)
+    instruction = "Answer in French, briefly."  # short, and followed by a short question: merged unless marked
+
+    def ask(system: str, question: str, marker: bool) -> Result:
+        part: dict[str, Any] = {"type": "text", "text": instruction}
+        if marker:
+            part["cache_control"] = {"type": "ephemeral"}
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": [part, {"type": "text", "text": question}]}]
+        return chat(pc, messages, max_tokens=1, session=pc.session())
+
+    # exact mode reuses after the same system message; compose mode after another one too
+    second_system = "You are helpful." if reuse == "exact" else "You are a different assistant."
+    ask("You are helpful.", "When?", marker=False)
+    assert ask(second_system, "Where?", marker=False).cached_tokens == 0  # nothing short was stored
+    pc.clear_store()
+    ask("You are helpful.", "When?", marker=True)
+    again = ask(second_system, "Where?", marker=True)
+    parts = [m for m in again.modules if m.module.endswith("message 1 part 0") and m.source in ("ram", "disk")]
+    assert parts and again.cached_tokens >= parts[0].tokens > 0, again.modules
 
 
 def test_a_chat_is_stored_and_restored_with_the_full_prefill_answer(pc: PromptCache) -> None:

@@ -175,6 +175,7 @@ def test_models_health_and_metrics(served: RunningServer) -> None:
     ({"messages": [{"role": "user", "content": "hi"}], "temprature": 0.5}, 400, "temprature"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": "x"}]}]}, 400, None),
     ({"messages": [{"role": "user", "content": "x" * 3000}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "pccpu": {"reuse": "always"}}, 400, "pccpu.reuse"),
     ({"messages": [{"role": "user", "content": "hi"}], "pccpu": {"repair_tokens": -2}}, 400, "pccpu.repair_tokens"),

@@ -20,11 +20,12 @@ that conversation*, at the positions they had there (BOS at 0, then the chunks b
 **What is stored.** Nothing is encoded on purpose: after a request, the chunks it decoded are copied out of the
 request sequence (``seq_cp`` into a save sequence, ``llama_state_seq_get``) and stored, at the cost of a memory
 copy. Chunks shorter than ``min_chunk_tokens`` are merged into the next one (a store entry per three-token "ok" is
-not worth its lookup), so a short question travels with the assistant's opening, which is never stored; in compose
-mode a short piece before a large one (a short system message before a document) stays a chunk of its own. Chunks the
-session already held (a document in the first turn's question, held by the conversation) are stored too, from the
-held cells, so they survive a restart. In compose mode a chunk decoded after composed cells is stored without its
-prefix digest: it is never taken for exact.
+not worth its lookup), unless a content part is marked with ``cache_control`` (a module of its own, however short).
+So a short question travels with the assistant's opening, which is never stored; in compose mode a short piece
+before a large one (a short system message before a document) stays a chunk of its own. Chunks the session already
+held (a document in the first turn's question, held by the conversation) are stored too, from the held cells, so
+they survive a restart. In compose mode a chunk decoded after composed cells is stored without its prefix digest: it
+is never taken for exact.
 """
 
 from __future__ import annotations
@@ -75,13 +76,22 @@ class ChatChunk:
         return self.start + len(self.tokens)
 
 
-def message_texts(messages: Sequence[Mapping[str, Any]]) -> list[tuple[Role, list[str]]]:
-    """(role, text parts) per message, checked: roles system/developer/user/assistant; content a string or a list of
-    ``{"type": "text", "text": ...}`` parts. A part with ``cache_control`` ends a chunk (Anthropic's marker); every
-    part is its own chunk anyway, so the marker changes nothing in exact-prefix mode."""
+@dataclass(frozen=True)
+class MessageText:
+    """One message's role and text parts; ``marked``: the parts with a ``cache_control`` marker."""
+
+    role: Role
+    parts: list[str]
+    marked: frozenset[int] = frozenset()
+
+
+def message_texts(messages: Sequence[Mapping[str, Any]]) -> list[MessageText]:
+    """Role and text parts per message, checked: roles system/developer/user/assistant; content a string or a list
+    of ``{"type": "text", "text": ...}`` parts. A part with ``cache_control`` (Anthropic's marker, ``{"type":
+    "ephemeral"}``) ends a chunk however short it is: it is stored as a module of its own."""
     if not messages:
         raise OptionError("messages must hold at least one message")
-    out: list[tuple[Role, list[str]]] = []
+    out: list[MessageText] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise OptionError(f"messages[{i}] must be an object with a role and a content")
@@ -89,6 +99,7 @@ def message_texts(messages: Sequence[Mapping[str, Any]]) -> list[tuple[Role, lis
         if role is None:
             raise OptionError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {message.get('role')!r}")
         content = message.get("content")
+        marked: set[int] = set()
         if isinstance(content, str):
             parts = [content]
         elif isinstance(content, list) and content:
@@ -97,10 +108,16 @@ def message_texts(messages: Sequence[Mapping[str, Any]]) -> list[tuple[Role, lis
                 if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise OptionError(f"messages[{i}].content[{j}] must be a text part ({{\"type\": \"text\", "
                                       "\"text\": ...}}); images and audio are not supported")
+                if "cache_control" in part:
+                    marker = part["cache_control"]
+                    if not isinstance(marker, Mapping) or marker.get("type") != "ephemeral":
+                        raise OptionError(f"messages[{i}].content[{j}].cache_control must be {{\"type\": "
+                                          f"\"ephemeral\"}}, got {marker!r}")
+                    marked.add(j)
                 parts.append(str(part["text"]))
         else:
             raise OptionError(f"messages[{i}].content must be a string or a non-empty list of text parts")
-        out.append((role, parts))
+        out.append(MessageText(role, parts, frozenset(marked)))
     return out
 
 
@@ -119,18 +136,22 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
     keystroke)."""
     texts = message_texts(messages)
     tags: list[RoleTag] = []
-    if texts[0][0] is not Role.SYSTEM:
+    if texts[0].role is not Role.SYSTEM:
         tags.append(RoleTag(Role.SYSTEM, "empty"))  # the system block the template writes when there is none
-    for role, _ in texts:
-        tags += [RoleTag(role, "open"), RoleTag(role, "close")]
+    for message in texts:
+        tags += [RoleTag(message.role, "open"), RoleTag(message.role, "close")]
     rendered = runtime.roles.render_tags(tags)
-    default_system = texts[0][0] is not Role.SYSTEM
+    default_system = texts[0].role is not Role.SYSTEM
     lead = rendered[0] if default_system else ""  # goes before the first message's text
     tag_text = iter(rendered[1:] if default_system else rendered)
     pieces: list[tuple[str, str]] = []  # (label, text)
-    for i, (_, parts) in enumerate(texts):
+    marked: set[int] = set()  # indices into pieces: each ends a chunk (cache_control)
+    for i, message in enumerate(texts):
+        parts = message.parts
         opening, closing = next(tag_text), next(tag_text)
         for j, part in enumerate(parts):
+            if j in message.marked:
+                marked.add(len(pieces))
             label = f"message {i}" if len(parts) == 1 else f"message {i} part {j}"
             text = part + (closing if j == len(parts) - 1 else "")
             if j == 0 and reuse == "compose" and pieces:
@@ -152,32 +173,40 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
     tail = 1 if add_generation_prompt else 0
     chunks: list[ChatChunk] = []
     digest = hashlib.sha256(f"{CHAT_MODE}\0{seed}".encode()).hexdigest()
-    position = 0
     pending: list[int] = []
     labels: list[str] = []
     for index, (label, tokens) in enumerate(token_lists):
         pending += tokens
         labels.append(label)
         stored = index < len(token_lists) - tail
-        # too small for a module of its own: merged into the next chunk, except (compose mode) into a large one
-        # that will be stored: a document must stay the same tokens wherever it appears
+        # too small for a module of its own: merged into the next chunk, except into a marked part (cache_control:
+        # a module of its own) and (compose mode) into a large one that will be stored: a document must stay the
+        # same tokens wherever it appears
         next_large = index + 1 < len(token_lists) - tail and len(token_lists[index + 1][1]) >= min_chunk_tokens
-        if stored and len(pending) < min_chunk_tokens and not (reuse == "compose" and next_large):
+        if (stored and len(pending) < min_chunk_tokens and index not in marked and index + 1 not in marked
+                and not (reuse == "compose" and next_large)):
             continue
-        key = None
-        own = np.asarray(pending, dtype=np.int64).tobytes()
-        digest = hashlib.sha256(digest.encode() + own).hexdigest()
-        if stored:
-            if reuse == "compose":
-                content = hashlib.sha256(f"{COMPOSE_MODE}\0{seed}\0".encode() + own).hexdigest()
-                key = EntryKey(content, position)
-            else:
-                key = EntryKey(digest, position)
-        name = labels[0] if len(labels) == 1 else f"{labels[0]} .. {labels[-1]}"
-        chunks.append(ChatChunk(name, tuple(pending), position, key, digest))
-        position += len(pending)
+        digest = _close_chunk(chunks, pending, labels, digest, seed, reuse, stored=stored)
         pending, labels = [], []
     return [c for c in chunks if c.tokens]
+
+
+def _close_chunk(chunks: list[ChatChunk], pending: list[int], labels: list[str], digest: str, seed: str,
+                 reuse: ChatReuse, *, stored: bool) -> str:
+    """Append ``pending`` as the next chunk (keyed when ``stored``); the chain digest after it."""
+    position = chunks[-1].end if chunks else 0
+    own = np.asarray(pending, dtype=np.int64).tobytes()
+    digest = hashlib.sha256(digest.encode() + own).hexdigest()
+    key = None
+    if stored:
+        if reuse == "compose":
+            content = hashlib.sha256(f"{COMPOSE_MODE}\0{seed}\0".encode() + own).hexdigest()
+            key = EntryKey(content, position)
+        else:
+            key = EntryKey(digest, position)
+    name = labels[0] if len(labels) == 1 else f"{labels[0]} .. {labels[-1]}"
+    chunks.append(ChatChunk(name, tuple(pending), position, key, digest))
+    return digest
 
 
 def text_chunks(text: str, runtime: Runtime, *, n_ctx: int) -> list[ChatChunk]:
