@@ -192,3 +192,20 @@ def test_a_document_in_the_first_question_reaches_the_store(fake_cache: FakeCach
     assert again.cached_tokens > len(DOC) and again.uncached_tokens == opening  # only the opening decoded
     full = chat(after, first_turn, cache=False, max_tokens=3, keep_logits=True)
     assert np.array_equal(again.first_logits, full.first_logits)
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True, "16"])
+def test_a_bad_min_chunk_tokens_is_refused(fake_cache: FakeCacheFactory, value: object) -> None:
+    from pccpu.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_chunk_tokens must be an integer >= 1"):
+        fake_cache(min_chunk_tokens=value)
+
+
+def test_the_default_keeps_a_short_question_as_a_module_of_its_own(fake_cache: FakeCacheFactory) -> None:
+    # the measured default (16 tokens): a 20-token question is stored alone, so a conversation continued from the
+    # store (another session, a restart) decodes no more than the new turn
+    runtime = fake_cache()._runtime
+    question = "When does it open?!!"  # 20 tokens with the fake tokenizer (a token per byte)
+    labels = [c.label for c in build_chunks(conversation(question, "And then?"), runtime, seed="s", n_ctx=4096)]
+    assert "message 1 part 1" in labels

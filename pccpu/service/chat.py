@@ -54,7 +54,7 @@ CHAT_MODE = "chat-prefix"  # part of every exact chat module's key and metadata
 COMPOSE_MODE = "chat-compose"  # part of every composable chat module's key and metadata
 ChatReuse = Literal["exact", "compose"]
 CHAT_REUSE: tuple[str, ...] = ("exact", "compose")
-DEFAULT_MIN_CHUNK_TOKENS = 64
+DEFAULT_MIN_CHUNK_TOKENS = 16  # measured: bench/chunk_size.py, docs/results/server-tuning.md
 logger = logging.getLogger(__name__)
 ROLES = {"system": Role.SYSTEM, "developer": Role.SYSTEM, "user": Role.USER, "assistant": Role.ASSISTANT}
 

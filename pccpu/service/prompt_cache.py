@@ -141,6 +141,8 @@ class PromptCache:
                               f"and {resident_slots}")
         if session_budget is not None and session_budget < 0:
             raise ConfigError(f"session_budget must be >= 0 bytes, got {session_budget}")
+        if isinstance(min_chunk_tokens, bool) or not isinstance(min_chunk_tokens, int) or min_chunk_tokens < 1:
+            raise ConfigError(f"min_chunk_tokens must be an integer >= 1, got {min_chunk_tokens!r}")
         resident_seqs = resident_slots if resident_budget else 0
         if runtime is None:
             gpu_layers = parse_gpu_layers(n_gpu_layers)
