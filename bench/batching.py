@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pccpu.bench.args import positive_ints
 from pccpu.bench.corpus import corpus_text
 from pccpu.engine._lib import lib
 from pccpu.models import resolve_model
@@ -126,18 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", help="registry name or .gguf path")
     parser.add_argument("--context", type=int, default=1024, help="tokens already in each sequence")
-    parser.add_argument("--batch", default="1,2,4", help="comma list of sequence counts decoded together")
+    parser.add_argument("--batch", type=positive_ints, default=[1, 2, 4],
+                        help="comma list of sequence counts decoded together")
     parser.add_argument("--steps", type=int, default=24, help="generation steps per batch size")
     parser.add_argument("--prompt", type=int, default=64, help="new prompt tokens per sequence for the prefill row")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    try:
-        batches = [int(x) for x in args.batch.split(",") if x]
-    except ValueError:
-        parser.error(f"--batch must be a comma list of integers, got {args.batch!r}")
-    if not batches or min(batches) < 1 or args.context < 1 or args.steps < 1 or args.prompt < 1:
-        parser.error("--batch, --context, --steps and --prompt must be positive")
-    rows = measure(args.model, args.context, batches, args.steps, args.prompt, args.threads)
+    if args.context < 1 or args.steps < 1 or args.prompt < 1:
+        parser.error("--context, --steps and --prompt must be positive")
+    rows = measure(args.model, args.context, args.batch, args.steps, args.prompt, args.threads)
     print("| sequences | ms per step, together | ms per step, one by one | tokens/s together | tokens/s one by one | "
           "generation gain | prefill ms together / apart | prefill gain |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pccpu.bench.args import positive_ints
 from pccpu.bench.corpus import corpus_text
 from pccpu.service import PromptCache
 
@@ -124,7 +125,8 @@ def measure_one(model: str, threshold: int, messages: list[dict[str, str]], test
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b", help="registry name or .gguf path")
-    parser.add_argument("--thresholds", default="1,8,16,32,64,128", help="comma list of min_chunk_tokens values")
+    parser.add_argument("--thresholds", type=positive_ints, default=[1, 8, 16, 32, 64, 128],
+                        help="comma list of min_chunk_tokens values")
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -132,19 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the first conversation's seed")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows here as JSON")
     args = parser.parse_args(argv)
-    try:
-        thresholds = [int(x) for x in args.thresholds.split(",") if x]
-    except ValueError:
-        parser.error(f"--thresholds must be a comma list of integers, got {args.thresholds!r}")
-    if not thresholds or min(thresholds) < 1 or args.turns < 2 or args.runs < 1 or args.conversations < 1:
-        parser.error("--thresholds must be >= 1, --turns >= 2, --runs >= 1, --conversations >= 1")
+    if args.turns < 2 or args.runs < 1 or args.conversations < 1:
+        parser.error("--turns must be >= 2, --runs >= 1, --conversations >= 1")
     conversations = []
     for seed in range(args.seed, args.seed + args.conversations):
         rng = random.Random(seed)
         messages = conversation(args.turns, rng)
         conversations.append((messages, variants(messages, rng)))
     tests = conversations[0][1]
-    rows = [measure(args.model, t, conversations, args.runs, args.threads) for t in thresholds]
+    rows = [measure(args.model, t, conversations, args.runs, args.threads) for t in args.thresholds]
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1))
     print("| min_chunk_tokens | entries | stored MiB | replay ms/request | continue: TTFT ms (tokens decoded) | "

@@ -176,3 +176,21 @@ def test_chunk_size_variants_change_only_the_end_of_the_conversation(monkeypatch
     assert regenerate[:-2] == messages[:-1] and regenerate[-2]["content"] != messages[-1]["content"]
     assert tests["edit"][:-1] == messages[:-2] and tests["edit"][-1]["content"].startswith(messages[-2]["content"])
     assert tests["edit"][-1]["content"] != messages[-2]["content"]
+
+
+@pytest.mark.parametrize("argv", [["--batch", "1,x"], ["--batch", "0,2"], ["--batch", ","], ["--steps", "0"]])
+def test_batching_refuses_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from pccpu.bench import batching
+
+    with pytest.raises(SystemExit) as exit_info:
+        batching.main(argv)
+    assert exit_info.value.code == 2 and ("comma list" in (err := capsys.readouterr().err) or "positive" in err)
+
+
+@pytest.mark.parametrize("argv", [["--thresholds", "16,a"], ["--thresholds", "-1"], ["--turns", "1"]])
+def test_chunk_size_refuses_bad_arguments(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from pccpu.bench import chunk_size
+
+    with pytest.raises(SystemExit) as exit_info:
+        chunk_size.main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err
