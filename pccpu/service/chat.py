@@ -145,7 +145,7 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
     lead = rendered[0] if default_system else ""  # goes before the first message's text
     tag_text = iter(rendered[1:] if default_system else rendered)
     pieces: list[tuple[str, str]] = []  # (label, text)
-    marked: set[int] = set()  # indices into pieces: each ends a chunk (cache_control)
+    marked: set[int] = set()  # indices into pieces: each is a chunk of its own (cache_control)
     for i, message in enumerate(texts):
         parts = message.parts
         opening, closing = next(tag_text), next(tag_text)
@@ -173,6 +173,7 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
     tail = 1 if add_generation_prompt else 0
     chunks: list[ChatChunk] = []
     digest = hashlib.sha256(f"{CHAT_MODE}\0{seed}".encode()).hexdigest()
+    position = 0
     pending: list[int] = []
     labels: list[str] = []
     for index, (label, tokens) in enumerate(token_lists):
@@ -186,27 +187,20 @@ def build_chunks(messages: Sequence[Mapping[str, Any]], runtime: Runtime, *, see
         if (stored and len(pending) < min_chunk_tokens and index not in marked and index + 1 not in marked
                 and not (reuse == "compose" and next_large)):
             continue
-        digest = _close_chunk(chunks, pending, labels, digest, seed, reuse, stored=stored)
+        key = None
+        own = np.asarray(pending, dtype=np.int64).tobytes()
+        digest = hashlib.sha256(digest.encode() + own).hexdigest()
+        if stored:
+            if reuse == "compose":
+                content = hashlib.sha256(f"{COMPOSE_MODE}\0{seed}\0".encode() + own).hexdigest()
+                key = EntryKey(content, position)
+            else:
+                key = EntryKey(digest, position)
+        name = labels[0] if len(labels) == 1 else f"{labels[0]} .. {labels[-1]}"
+        chunks.append(ChatChunk(name, tuple(pending), position, key, digest))
+        position += len(pending)
         pending, labels = [], []
     return [c for c in chunks if c.tokens]
-
-
-def _close_chunk(chunks: list[ChatChunk], pending: list[int], labels: list[str], digest: str, seed: str,
-                 reuse: ChatReuse, *, stored: bool) -> str:
-    """Append ``pending`` as the next chunk (keyed when ``stored``); the chain digest after it."""
-    position = chunks[-1].end if chunks else 0
-    own = np.asarray(pending, dtype=np.int64).tobytes()
-    digest = hashlib.sha256(digest.encode() + own).hexdigest()
-    key = None
-    if stored:
-        if reuse == "compose":
-            content = hashlib.sha256(f"{COMPOSE_MODE}\0{seed}\0".encode() + own).hexdigest()
-            key = EntryKey(content, position)
-        else:
-            key = EntryKey(digest, position)
-    name = labels[0] if len(labels) == 1 else f"{labels[0]} .. {labels[-1]}"
-    chunks.append(ChatChunk(name, tuple(pending), position, key, digest))
-    return digest
 
 
 def text_chunks(text: str, runtime: Runtime, *, n_ctx: int) -> list[ChatChunk]:
