@@ -23,6 +23,7 @@ _EXPORTS = {
     "Draft": "pccpu.service",
     "TypingStats": "pccpu.service",
     "Answer": "pccpu.service",
+    "Batch": "pccpu.service",
     "Result": "pccpu.service",
     "ModuleUse": "pccpu.service",
     "Timings": "pccpu.service",
@@ -43,7 +44,8 @@ _EXPORTS = {
 }
 
 __all__ = [
-    "Answer", "BusyError", "CacheStats", "ConfigError", "Draft", "EngineError", "GenerationOptions", "ModelError",
+    "Answer", "Batch", "BusyError", "CacheStats", "ConfigError", "Draft", "EngineError", "GenerationOptions",
+    "ModelError",
     "ModuleArgs", "ModuleUse", "OptionError", "PccpuError", "PmlError", "PromptCache", "Request", "Result", "Session",
     "SessionError", "StoreError", "Timings", "TypingStats", "__version__", "build_prompt_xml",
 ]
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     )
     from pccpu.service import (
         Answer,
+        Batch,
         CacheStats,
         Draft,
         GenerationOptions,

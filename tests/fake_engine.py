@@ -127,7 +127,7 @@ class FakeContext:
         self._seqs: list[set[int]] = [set() for _ in range(n_ctx)]
         self._shift_pending = False
         self._closed = False
-        self.decoded_tokens = self.decode_calls = self.restored_cells = 0
+        self.decoded_tokens = self.decode_calls = self.restored_cells = self.step_calls = 0
         self.seconds_per_token = 0.0  # decodes take this long per token (type-ahead tests), interruptible
         # sliding-window tests: a window size and, per sequence, the highest position whose window cell was "reused"
         # (set by the test; LlamaContext detects it); cleared with the sequence
@@ -225,6 +225,30 @@ class FakeContext:
         if logits == "all":
             return np.stack([self._logits(kv) for kv in kvs])
         return self._logits(kvs[-1]) if logits == "last" else None
+
+    def decode_step(self, steps: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """LlamaContext.decode_step's checks; each step decoded as ``decode`` would (the fake's logits never depend
+        on batching). Counts one ``step_calls``."""
+        if not 1 <= len(steps) <= self.n_batch:
+            raise InvalidArgumentError(f"decode_step takes 1..{self.n_batch} steps (n_batch), got {len(steps)}")
+        if len({seq for _, seq, _ in steps}) != len(steps):
+            raise InvalidArgumentError("decode_step takes one token per sequence")
+        for _, seq_id, pos in steps:
+            self._check_seq(seq_id)
+            last = self.seq_pos_max(seq_id)
+            if last >= 0 and pos != last + 1:
+                raise InvalidArgumentError(f"sequence {seq_id} ends at position {last}, so its next token goes at "
+                                           f"{last + 1}, not {pos}")
+        self.step_calls += 1
+        rows = []
+        try:
+            for token, seq_id, pos in steps:
+                rows.append(self.decode([token], seq_id=seq_id, start=pos))
+        except Exception:
+            for _, seq_id, pos in steps[: len(rows)]:
+                self.seq_rm(seq_id, pos, -1)
+            raise
+        return np.stack(rows)
 
     def _wait(self, n: int) -> None:
         """Take ``seconds_per_token`` per token, like a real decode; ``interrupt()`` stops it (nothing placed)."""

@@ -8,14 +8,15 @@ import pccpu
 import pccpu.service
 
 PUBLIC = [
-    "Answer", "BusyError", "CacheStats", "ConfigError", "Draft", "EngineError", "GenerationOptions", "ModelError",
+    "Answer", "Batch", "BusyError", "CacheStats", "ConfigError", "Draft", "EngineError", "GenerationOptions",
+    "ModelError",
     "ModuleArgs", "ModuleUse", "OptionError", "PccpuError", "PmlError", "PromptCache", "Request", "Result", "Session",
     "SessionError", "StoreError", "Timings", "TypingStats", "__version__", "build_prompt_xml",
 ]
 
 PROMPT_CACHE_METHODS = [
-    "add_schema", "ask", "ask_parts", "chat", "complete", "clear_residents", "clear_store", "close", "detokenize",
-    "draft",
+    "add_schema", "ask", "ask_parts", "batch", "chat", "complete", "clear_residents", "clear_store", "close",
+    "detokenize", "draft",
     "encode", "kv_bytes_per_token", "model_info", "model_path", "n_ctx", "pin", "plan", "schemas", "session", "stats",
     "tokenize", "warm_up", "mode",
 ]

@@ -297,6 +297,55 @@ class LlamaContext:
                 self._note_purges(lows)
             return out if logits == "all" else result
 
+    def decode_step(self, steps: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """One token for each of several sequences in one ``llama_decode`` (batched generation): ``steps`` holds
+        ``(token, seq_id, position)``, one per sequence, each at that sequence's ``pos_max + 1``. Returns the logits
+        after each, shape ``(len(steps), n_vocab)``, in the order given. On failure no step's token is kept.
+
+        The tokens attend only to their own sequence's cells, but llama.cpp's results depend slightly on batch size
+        and on where cells lie: a sequence decoded beside others does not reproduce its solo logits bit for bit."""
+        n = len(steps)
+        if not 1 <= n <= self.n_batch:
+            raise InvalidArgumentError(f"decode_step takes 1..{self.n_batch} steps (n_batch), got {n}")
+        tokens = np.asarray([s[0] for s in steps], dtype=np.int32)
+        bad = (tokens < 0) | (tokens >= self._n_vocab)
+        if bad.any():
+            raise InvalidArgumentError(
+                f"token id {int(tokens[bad][0])} is outside the vocabulary (0..{self._n_vocab - 1})"
+            )
+        seqs = [s[1] for s in steps]
+        if len(set(seqs)) != n:
+            raise InvalidArgumentError(f"decode_step takes one token per sequence, got sequences {seqs}")
+        with self._lock:
+            for _, seq_id, pos in steps:
+                self._check_seq(seq_id)
+                self._check_position("position", pos)
+                last = self.seq_pos_max(seq_id)
+                if last >= 0 and pos != last + 1:
+                    raise InvalidArgumentError(
+                        f"sequence {seq_id} ends at position {last}, so its next token goes at {last + 1}, not {pos}"
+                    )
+                if last >= 0 and not self.window_intact(seq_id, pos):
+                    raise self._window_lost(seq_id, f"a token at {pos} attends to positions from "
+                                            f"{max(pos - self.n_swa + 1, 0)}")
+            lows = self._pos_mins()
+            self._batch.n_tokens = n
+            self._tokens[:n] = tokens
+            self._pos[:n] = [s[2] for s in steps]
+            self._wants_logits[:n] = 1
+            for i, seq_id in enumerate(seqs):
+                self._batch.seq_id[i][0] = seq_id
+            self._batch_seq = None  # the per-token sequence ids no longer all hold one sequence
+            try:
+                self._decode_batch()
+                return np.stack([self._logits_ith(i) for i in range(n)])
+            except EngineError:
+                for _, seq_id, pos in steps:
+                    lib().llama_memory_seq_rm(self._memory, seq_id, pos, -1)
+                raise
+            finally:
+                self._note_purges(lows)
+
     def _fill_batch(self, chunk: np.ndarray, seq_id: int, start: int, logits: LogitsMode, is_last: bool) -> None:
         m = len(chunk)
         self._batch.n_tokens = m

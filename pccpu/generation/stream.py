@@ -42,6 +42,81 @@ class GenerationOutcome:
     decode_ms: float = 0.0
 
 
+class Generation:
+    """One answer's generation driven from outside, a token at a time: ``choose(logits)`` samples a token from the
+    logits after the previous one and returns it when it must be decoded next (at ``position``), or None once the
+    answer is over; ``take_text()`` gives the text that became certain meanwhile. ``generate`` drives one of these
+    with one decode per token; a batching scheduler drives several with one ``decode_step`` for all."""
+
+    def __init__(self, model: Model, settings: GenerationSettings, *, next_position: int, limit: int,
+                 history: Sequence[int] = (), outcome: GenerationOutcome | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.outcome = outcome if outcome is not None else GenerationOutcome()
+        self.position = next_position  # where the token ``choose`` returns is decoded
+        self._limit = limit
+        self._sampler = Sampler(settings.sampling)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        n_recent = settings.sampling.repeat_last_n
+        self._recent = list(history[-n_recent:]) if n_recent else []
+        self._pending = ""  # text held back because it may start a stop string
+        self._out: list[str] = []
+        self.finished = settings.max_tokens == 0
+        self.outcome.finish_reason = "length" if self.finished else "cancelled"
+
+    def choose(self, logits: np.ndarray) -> int | None:
+        if self.finished:
+            return None
+        token = self._sampler.sample(logits, self._recent)
+        if self.model.is_end_of_generation(token):
+            self._finish("eog")
+            return None
+        outcome = self.outcome
+        outcome.tokens.append(token)
+        self._recent.append(token)
+        self._pending += self._decoder.decode(self.model.token_to_piece(token))
+        cut = _find_stop(self._pending, self.settings.stop)
+        if cut is not None:
+            self._pending = self._pending[:cut]
+            self._finish("stop")
+            return None
+        emit, self._pending = _split_safe(self._pending, self.settings.stop)
+        if emit:
+            outcome.text += emit
+            self._out.append(emit)
+        if len(outcome.tokens) == self.settings.max_tokens:
+            self._finish("length")
+            return None
+        if self.position >= self._limit:
+            self._finish("context")
+            return None
+        return token
+
+    def decoded(self, ms: float) -> None:
+        """The token ``choose`` returned was decoded at ``position`` (taking ``ms``)."""
+        self.position += 1
+        self.outcome.decode_ms += ms
+
+    def take_text(self) -> str:
+        text, self._out = "".join(self._out), []
+        return text
+
+    def cancel(self) -> None:
+        """Stopped from outside: text held back is dropped, as a closed stream drops it."""
+        if not self.finished:
+            self.finished = True
+            self.outcome.finish_reason = "cancelled"
+
+    def _finish(self, reason: str) -> None:
+        self.finished = True
+        self.outcome.finish_reason = reason
+        self._pending += self._decoder.decode(b"", final=True)
+        if self._pending:
+            self.outcome.text += self._pending
+            self._out.append(self._pending)
+            self._pending = ""
+
+
 def generate(
     context: Context,
     model: Model,
@@ -57,56 +132,24 @@ def generate(
     """Yield text pieces. ``first_logits`` are the logits after the last prompt token; generation stops at position
     ``n_ctx`` (default: the context's size; less when part of the context is reserved for resident modules)."""
     limit = context.n_ctx if n_ctx is None else min(n_ctx, context.n_ctx)
-    outcome = outcome if outcome is not None else GenerationOutcome()
-    sampler = Sampler(settings.sampling)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    recent = list(history[-settings.sampling.repeat_last_n :]) if settings.sampling.repeat_last_n else []
-    pending = ""  # text held back because it may start a stop string
+    run = Generation(model, settings, next_position=next_position, limit=limit, history=history, outcome=outcome)
     logits = first_logits
-    position = next_position
-    outcome.finish_reason = "cancelled"
-    if settings.max_tokens == 0:
-        outcome.finish_reason = "length"
-        return
     try:
-        for _ in range(settings.max_tokens):
-            token = sampler.sample(logits, recent)
-            if model.is_end_of_generation(token):
-                outcome.finish_reason = "eog"
-                break
-            outcome.tokens.append(token)
-            recent.append(token)
-            pending += decoder.decode(model.token_to_piece(token))
-            cut = _find_stop(pending, settings.stop)
-            if cut is not None:
-                pending = pending[:cut]
-                outcome.finish_reason = "stop"
-                break
-            emit, pending = _split_safe(pending, settings.stop)
-            if emit:
-                outcome.text += emit
-                yield emit
-            if len(outcome.tokens) == settings.max_tokens:
-                outcome.finish_reason = "length"
-                break
-            if position >= limit:
-                outcome.finish_reason = "context"
-                break
+        while True:
+            token = run.choose(logits)
+            text = run.take_text()
+            if text:
+                yield text
+            if token is None:
+                return
             started = time.perf_counter()
-            decoded = context.decode([token], seq_id=seq_id, start=position)
+            decoded = context.decode([token], seq_id=seq_id, start=run.position)
             if decoded is None:
                 raise InternalError("a decode asked for the last logits returned none")
             logits = decoded
-            outcome.decode_ms += (time.perf_counter() - started) * 1000
-            position += 1
-        else:
-            outcome.finish_reason = "length"
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            outcome.text += pending
-            yield pending
+            run.decoded((time.perf_counter() - started) * 1000)
     except GeneratorExit:
-        outcome.finish_reason = "cancelled"
+        run.cancel()
         raise
 
 

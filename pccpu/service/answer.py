@@ -15,9 +15,13 @@ generation early; the result then has ``finish_reason == "cancelled"``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from pccpu.errors import SessionError
 from pccpu.service.result import Result
+
+if TYPE_CHECKING:
+    from pccpu.service.batching import ChatJob
 
 # starts the request: gets a callback for the Result (called once, also when the answer is closed early) and
 # returns the generator of text pieces
@@ -37,8 +41,10 @@ class _ResultBox:
 
 
 class Answer:
-    def __init__(self, runner: Runner) -> None:
+    def __init__(self, runner: Runner, batch_job: ChatJob | None = None) -> None:
         self._runner: Runner | None = runner
+        self._batch_job = batch_job  # what a Batch runs instead (chat and complete answers)
+        self._held_runner: Runner | None = None  # while a batch holds the job
         self._pieces: Iterator[str] | None = None
         self._chunks: list[str] = []
         self._box = _ResultBox()
@@ -82,6 +88,18 @@ class Answer:
     @property
     def done(self) -> bool:
         return self._result is not None
+
+    def _take_batch_job(self) -> ChatJob | None:
+        """For ``Batch.admit``: the request to run in a batch (None if it cannot be), this answer used up."""
+        if self._batch_job is None or self._runner is None or self._pieces is not None or self._closed:
+            return None
+        job, self._batch_job = self._batch_job, None
+        self._held_runner, self._runner = self._runner, None
+        return job
+
+    def _give_back_batch_job(self, job: ChatJob) -> None:
+        """The batch could not take it now: it may be admitted again later, or run alone."""
+        self._batch_job, self._runner = job, self._held_runner
 
     def close(self) -> None:
         """Stop generating now (the cells generated so far stay with the session)."""

@@ -47,8 +47,9 @@ class Prefill(NamedTuple):
     session_tokens: int = 0
     cached_tokens: int = 0
     uses: tuple[ModuleUse, ...] = ()
-    # work that needs the prompt's cells but not before the first token (storing chat chunks): run after the answer
-    after_answer: Callable[[], None] | None = None
+    # work that needs the prompt's cells but not before the first token (storing chat chunks): run after the answer,
+    # given the sequence that holds the cells then
+    after_answer: Callable[[int], None] | None = None
     exact: bool = True  # no cell came from a composed state
 
 
@@ -82,15 +83,19 @@ class RequestPath:
             started: float, clock: dict[str, float], cache: bool, done: Callable[[Result], None]) -> Iterator[str]:
         """Switch to the session, bring the prompt in (``prefill``), then generate (a failed prefill leaves the
         session holding nothing)."""
+        filled = self.prepare(state, prefill, clock)
+        yield from self.generate(prompt, state, filled, opts, started, clock, cache, done)
+
+    def prepare(self, state: SessionState, prefill: Callable[[], Prefill], clock: dict[str, float]) -> Prefill:
+        """Switch to the session and bring the prompt into the request sequence."""
         clock["switch_ms"] = self.sessions.activate(state)
         state.requests += 1
         try:
-            filled = prefill()
+            return prefill()
         except BaseException:
             self.runtime.context.seq_rm(REQUEST_SEQ)  # whatever the failed prefill left
             self.sessions.forget_active()
             raise
-        yield from self.generate(prompt, state, filled, opts, started, clock, cache, done)
 
     def generate(self, prompt: PromptFacts, state: SessionState, prefill: Prefill, opts: GenerationOptions,
                  started: float, clock: dict[str, float], cache: bool,
@@ -98,11 +103,10 @@ class RequestPath:
         """Sample and decode the answer after ``prefill``, stream its text, keep the session's cells, report."""
         context, model = self.runtime.context, self.runtime.model
         first_logits = prefill.logits.copy() if opts.keep_logits else None  # generation reuses the logits buffer
-        # the prompt's tokens matter to the repeat penalty only; building them costs ~1 ms at 8K tokens
-        history = list(prompt.tokens()) if opts.repeat_penalty != 1.0 else []
         outcome = GenerationOutcome()
         pieces = generate(context, model, prefill.logits, seq_id=REQUEST_SEQ, next_position=prefill.next_position,
-                          settings=opts.generation(), history=history, outcome=outcome, n_ctx=self.n_ctx)
+                          settings=opts.generation(), history=self.history(prompt, opts), outcome=outcome,
+                          n_ctx=self.n_ctx)
         ttft_ms: float | None = None
         clean = False
         try:
@@ -116,26 +120,40 @@ class RequestPath:
             raise
         finally:
             pieces.close()
-            if clean and prefill.after_answer is not None:
-                prefill.after_answer()
-            if clean and prefill.trace is not None and self.reuse_previous:
-                # the generated tokens decoded into the request follow the prompt's cells
-                answered = max(context.seq_pos_max(REQUEST_SEQ) + 1 - prefill.next_position, 0)
-                state.kept = prefill.trace.extended(outcome.tokens[:answered], prefill.next_position)
-                state.prompt_cells = prefill.next_position
-            else:
-                state.kept, state.prompt_cells = None, 0
-                context.seq_rm(REQUEST_SEQ)
-            if ttft_ms is None:  # nothing streamed (end of generation first, or max_tokens=0)
-                ttft_ms = (time.perf_counter() - started) * 1000
-            decoded = prompt.n_tokens - prefill.session_tokens - prefill.cached_tokens
-            done(Result(
-                text=outcome.text, ttft_ms=ttft_ms, session_tokens=prefill.session_tokens,
-                cached_tokens=prefill.cached_tokens, uncached_tokens=decoded, generated_tokens=len(outcome.tokens),
-                finish_reason=outcome.finish_reason, modules=prefill.uses,
-                timings=Timings(generate_ms=outcome.decode_ms, **clock), cached=cache, warnings=prompt.warnings,
-                first_logits=first_logits, exact=prefill.exact,
-            ))
+            done(self.conclude(prompt, state, prefill, outcome, REQUEST_SEQ, clean=clean, ttft_ms=ttft_ms,
+                               started=started, clock=clock, cache=cache, first_logits=first_logits))
+
+    @staticmethod
+    def history(prompt: PromptFacts, opts: GenerationOptions) -> list[int]:
+        """The prompt's tokens, which matter to the repeat penalty only (building them costs ~1 ms at 8K tokens)."""
+        return list(prompt.tokens()) if opts.repeat_penalty != 1.0 else []
+
+    def conclude(self, prompt: PromptFacts, state: SessionState, prefill: Prefill, outcome: GenerationOutcome,
+                 seq: int, *, clean: bool, ttft_ms: float | None, started: float, clock: dict[str, float],
+                 cache: bool, first_logits: np.ndarray | None) -> Result:
+        """After an answer generated in ``seq``: store what waited for it, record the session's cells (they stay in
+        ``seq``; a failed answer's are removed) and build the Result."""
+        context = self.runtime.context
+        if clean and prefill.after_answer is not None:
+            prefill.after_answer(seq)
+        if clean and prefill.trace is not None and self.reuse_previous:
+            # the generated tokens decoded into the request follow the prompt's cells
+            answered = max(context.seq_pos_max(seq) + 1 - prefill.next_position, 0)
+            state.kept = prefill.trace.extended(outcome.tokens[:answered], prefill.next_position)
+            state.prompt_cells = prefill.next_position
+        else:
+            state.kept, state.prompt_cells = None, 0
+            context.seq_rm(seq)
+        if ttft_ms is None:  # nothing streamed (end of generation first, or max_tokens=0)
+            ttft_ms = (time.perf_counter() - started) * 1000
+        decoded = prompt.n_tokens - prefill.session_tokens - prefill.cached_tokens
+        return Result(
+            text=outcome.text, ttft_ms=ttft_ms, session_tokens=prefill.session_tokens,
+            cached_tokens=prefill.cached_tokens, uncached_tokens=decoded, generated_tokens=len(outcome.tokens),
+            finish_reason=outcome.finish_reason, modules=prefill.uses,
+            timings=Timings(generate_ms=outcome.decode_ms, **clock), cached=cache, warnings=prompt.warnings,
+            first_logits=first_logits, exact=prefill.exact,
+        )
 
     def _sources(self, request: Request, state: SessionState, clock: dict[str, float]) -> dict[str, ModuleSource]:
         """Each cached module's stored state; modules not stored (or unreadable) are encoded now."""

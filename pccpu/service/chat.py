@@ -297,7 +297,7 @@ class ChatPath:
         to_store = [*unstored, *decoded]
         return Prefill(logits, trace.positions.size, trace if reuse else None, session_tokens=held,
                        cached_tokens=restored, uses=tuple(uses),
-                       after_answer=(lambda: self._store_chunks(to_store)) if to_store else None)
+                       after_answer=(lambda seq: self._store_chunks(to_store, seq=seq)) if to_store else None)
 
     def _keep_held(self, kept: CellTrace | None, trace: CellTrace, reuse: bool, *, whole: bool = False) -> int:
         """How many first cells of the conversation the session already holds; clears the rest of the cache.
@@ -399,17 +399,19 @@ class ChatPath:
         composed_trace = dataclasses.replace(trace, first_composed=first_composed)
         return Prefill(logits, trace.positions.size, composed_trace if reuse else None, session_tokens=held,
                        cached_tokens=restored, uses=tuple(uses), exact=first_composed < 0,
-                       after_answer=(lambda: self._store_chunks(to_store, exact_below)) if to_store else None)
+                       after_answer=(lambda seq: self._store_chunks(to_store, exact_below, seq)) if to_store else None)
 
-    def _store_chunks(self, chunks: Sequence[ChatChunk], exact_below: int | None = None) -> None:
-        """Copy chunks out of the request sequence into the store (a memory copy each). In compose mode
+    def _store_chunks(self, chunks: Sequence[ChatChunk], exact_below: int | None = None,
+                      seq: int | None = None) -> None:
+        """Copy chunks out of the request sequence (or ``seq``, where a batched answer moved its cells) into the
+        store (a memory copy each). In compose mode
         (``exact_below`` set) a chunk records its prefix digest only when its cells are exact (it ends at or before
         ``exact_below``): only then may a later request treat it as computed after the same prefix."""
         context = self._runtime.context
         for chunk in chunks:
             if chunk.key is None:
                 continue
-            context.seq_cp(self._request_seq, self._save_seq, chunk.start, chunk.end)
+            context.seq_cp(self._request_seq if seq is None else seq, self._save_seq, chunk.start, chunk.end)
             try:
                 state = context.state_seq_get(self._save_seq)
             except WindowLostError as exc:  # a sliding-window model reused some of the chunk's cells

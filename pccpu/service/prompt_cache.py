@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +36,7 @@ from pccpu.service.answering import (
     PromptFacts,
     RequestPath,
 )
+from pccpu.service.batching import Batch, ChatJob, PlannedChat
 from pccpu.service.chat import (
     DEFAULT_MIN_CHUNK_TOKENS,
     ChatChunk,
@@ -171,9 +172,11 @@ class PromptCache:
                                           runtime.reserved_cells if resident_budget else 0)
         budget = int(default_ram_budget() * 0.4) if session_budget is None else session_budget
         residents = self._residents
+        self._busy_lanes: set[int] = set()  # batch lanes holding answers in flight (batching.py)
+        busy_lanes = self._busy_lanes
 
         def resident_seqs_now() -> list[int]:  # sequences no clear may touch: asked for each time
-            return residents.seq_ids
+            return [*residents.seq_ids, *sorted(busy_lanes)]
 
         self._sessions = SessionTable(runtime.context, REQUEST_SEQ, budget, resident_seqs_now)
         self._default_session = self._sessions.open("default")
@@ -183,6 +186,7 @@ class PromptCache:
                                  n_scratch_end=n_seq_max, reuse_previous=reuse_previous)
         self._chat_path = ChatPath(runtime, self._store, request_seq=REQUEST_SEQ, save_seq=SAVE_SEQ,
                                    expect=self._encoder.expect, keep_seqs=resident_seqs_now)
+        self._lanes = list(range(FIRST_SCRATCH_SEQ, n_seq_max))  # scratch sequences double as batch lanes
         self._min_chunk_tokens = min_chunk_tokens
         self._auto_sessions = auto_sessions
         self._schemas = SchemaRegistry()
@@ -356,7 +360,9 @@ class PromptCache:
                                 add_generation_prompt=opts.add_generation_prompt is not False,
                                 min_chunk_tokens=self._min_chunk_tokens, reuse=mode, tokenize=tokenize)
 
-        return Answer(lambda done: self._run_chat(chunks, state, cache, opts, done, compose=mode == "compose"))
+        compose = mode == "compose"
+        job = ChatJob(opts, lambda: self._plan_chat(chunks, state, cache, opts, compose)) if cache else None
+        return Answer(lambda done: self._run_chat(chunks, state, cache, opts, done, compose=compose), job)
 
     def draft(self, messages: Sequence[Mapping[str, Any]] = (), *, session: Session | None = None,
               reuse: ChatReuse | None = None, speculate_after_ms: float = 0.0,
@@ -394,8 +400,12 @@ class PromptCache:
         the session keeps the cells for a next prompt that extends this one."""
         opts = GenerationOptions.from_kwargs(kwargs, options)
         state = self._chat_session(session)
-        return Answer(lambda done: self._run_chat(lambda: text_chunks(prompt, self._runtime, n_ctx=self.n_ctx),
-                                                  state, cache, opts, done))
+
+        def chunks() -> list[ChatChunk]:
+            return text_chunks(prompt, self._runtime, n_ctx=self.n_ctx)
+
+        job = ChatJob(opts, lambda: self._plan_chat(chunks, state, cache, opts)) if cache else None
+        return Answer(lambda done: self._run_chat(chunks, state, cache, opts, done), job)
 
     def _chat_session(self, session: Session | Literal["auto"] | None) -> SessionState | None:
         """The session a chat runs in: the default one, a given one, or None for one found by content."""
@@ -412,22 +422,50 @@ class PromptCache:
     def _run_chat(self, make_chunks: Callable[[], list[ChatChunk]], state: SessionState | None, cache: bool,
                   opts: GenerationOptions, done: Callable[[Result], None], compose: bool = False) -> Iterator[str]:
         with self._exclusive():
-            started = time.perf_counter()
-            chunks = make_chunks()
-            trace = chunk_trace(chunks)  # the conversation's tokens, in position order
-            if state is None:
-                state = self._sessions.continuation(trace, limit=self._auto_sessions)
-            session = state
-            clock = {"plan_ms": (time.perf_counter() - started) * 1000}
+            planned = self._plan_chat(make_chunks, state, cache, opts, compose)
+            session = planned.session()
+            yield from self._path.run(session, planned.prefill(session, planned.clock), planned.facts, opts,
+                                      planned.started, planned.clock, cache, done)
 
-            def prefill() -> Prefill:
+    def _plan_chat(self, make_chunks: Callable[[], list[ChatChunk]], state: SessionState | None, cache: bool,
+                   opts: GenerationOptions, compose: bool = False) -> PlannedChat:
+        """A chat request's chunks, and how to find its session and prefill it (``_run_chat`` and batches)."""
+        started = time.perf_counter()
+        chunks = make_chunks()
+        trace = chunk_trace(chunks)  # the conversation's tokens, in position order
+        clock = {"plan_ms": (time.perf_counter() - started) * 1000}
+
+        def session() -> SessionState:
+            return self._sessions.continuation(trace, limit=self._auto_sessions) if state is None else state
+
+        def prefill(session: SessionState, clock: dict[str, float]) -> Callable[[], Prefill]:
+            def run() -> Prefill:
                 if cache:
                     return self._chat_path.prefill(chunks, trace, session, clock, reuse=self._path.reuse_previous,
                                                    compose=compose, repair_tokens=self._repair_tokens(opts))
                 return self._path.prefill_baseline(trace.values.tolist(), clock)
+            return run
 
-            facts = PromptFacts(len(trace), trace.values.tolist)
-            yield from self._path.run(state, prefill, facts, opts, started, clock, cache, done)
+        return PlannedChat(len(trace), PromptFacts(len(trace), trace.values.tolist), session, prefill, started, clock)
+
+    def batch(self, parallel: int = 4) -> Batch:
+        """Generate several chat answers together (``batching.py``): ``admit`` chat() or complete() answers, then
+        ``step`` until none is active. Holds this cache until the batch is closed (other calls get BusyError).
+        ``parallel``: the most answers in flight at once."""
+        if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
+            raise ConfigError(f"parallel must be an integer >= 1, got {parallel!r}")
+        if parallel > len(self._lanes) + 1:
+            raise ConfigError(f"parallel={parallel} needs n_seq_max >= {parallel + FIRST_SCRATCH_SEQ - 1} (a lane "
+                              f"per answer beside the request sequence); this cache has {len(self._lanes)} lanes")
+        if parallel > 1 and self.model_info.n_swa:
+            raise ConfigError("batched generation is not available for sliding-window models (their cells cannot be "
+                              "moved between sequences whole): use parallel=1")
+        if parallel > 1 and self._residents.enabled:
+            raise ConfigError("batched generation and resident modules do not mix: use resident_budget=0 or "
+                              "parallel=1")
+        held = ExitStack()
+        held.enter_context(self._exclusive())
+        return Batch(self._path, self._sessions, self._lanes, parallel, self._busy_lanes, held.close)
 
     def _repair_tokens(self, opts: GenerationOptions) -> int:
         """The request's boundary repair: its own option, else this cache's default."""

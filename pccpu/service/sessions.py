@@ -133,15 +133,20 @@ class SessionTable:
     def park_active(self) -> None:
         """Save the active session's cells into RAM and empty the request sequence."""
         state, self.active = self.active, None
-        if state is not None and state.kept is not None and len(state.kept):
+        self.park(state, self._seq)
+
+    def park(self, state: SessionState | None, seq: int) -> None:
+        """Save ``state``'s cells, held in ``seq``, into RAM and empty ``seq`` (a batched answer that ended in a
+        lane of its own parks its session from there)."""
+        if state is not None and not state.closed and state.kept is not None and len(state.kept):
             self._context.apply_pending_shift()  # a state is saved with every shift applied
             try:
-                blob = self._context.state_seq_get(self._seq)  # a fresh array
+                blob = self._context.state_seq_get(seq)  # a fresh array
             except WindowLostError as exc:  # a sliding-window model reused some of its cells
                 logger.info("session %r cannot be parked whole (%s): it starts over from the module store",
                             state.name, exc)
                 state.kept = None
-                self._context.seq_rm(self._seq)
+                self._context.seq_rm(seq)
                 return
             evicted = self._parked.put(state.id, blob, blob.nbytes)
             if evicted is None:
@@ -151,7 +156,13 @@ class SessionTable:
             for dropped_id, _ in evicted or []:
                 self._states[dropped_id].kept = None
                 logger.info("session %r dropped from RAM (session budget)", self._states[dropped_id].name)
-        self._context.seq_rm(self._seq)
+        self._context.seq_rm(seq)
+
+    def detach_active(self) -> SessionState | None:
+        """The active session's cells were moved out of the request sequence (to a batch lane): none is active, and
+        nothing is parked. Returns the session that was active."""
+        state, self.active = self.active, None
+        return state
 
     def forget_active(self) -> None:
         """The request sequence was emptied (a full prefill, an error): the active session holds nothing."""

@@ -482,7 +482,7 @@ class TypeAhead:
         state.kept = prefill.trace
         state.prompt_cells = len(trace)
         if prefill.after_answer is not None:
-            prefill.after_answer()  # stores the chunks it decoded
+            prefill.after_answer(REQUEST_SEQ)  # stores the chunks it decoded
         draft.costs.clear()
         draft.stats.decoded_tokens += len(trace) - prefill.session_tokens - prefill.cached_tokens
         draft.stats.decode_ms += (time.perf_counter() - started) * 1000
