@@ -12,6 +12,8 @@ from pccpu.cli.options import cache_options, open_prompt_cache
 
 logger = logging.getLogger(__name__)
 
+PARALLEL_DEFAULT = 1
+
 
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -35,9 +37,13 @@ logger = logging.getLogger(__name__)
               help="Close a kept-alive HTTP connection after this many seconds without a request (uvicorn's "
                    "timeout_keep_alive). A request in progress is not cut: a client that disconnects stops its "
                    "generation, and one that stops reading holds the model no longer than its max_tokens.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=PARALLEL_DEFAULT, show_default=True,
+              help="Chat answers generated together (continuous batching: one decode step for all; on a CPU about "
+                   "1.7x the tokens per second with 2, 2.5x with 4). Answers that overlap in time are then not "
+                   "bit-identical to the same answers alone; 1 keeps every answer exact under any load.")
 @cache_options
 def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_queue: int, max_new_tokens: int,
-          pml_root: str | None, reuse: str, idle_timeout: int, **opts: Any) -> None:
+          pml_root: str | None, reuse: str, idle_timeout: int, parallel: int, **opts: Any) -> None:
     """Serve /v1/chat/completions, /v1/models, /health and /metrics over HTTP."""
     import uvicorn
 
@@ -49,7 +55,7 @@ def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_q
     cache = open_prompt_cache(**opts, chat_reuse=reuse)
     name = model_id or cache.model_path.stem
     settings = ServerSettings(model_id=name, api_key=api_key, max_queue=max_queue, max_new_tokens=max_new_tokens,
-                              pml_root=pml_root)
+                              pml_root=pml_root, parallel=parallel)
     app = create_app(cache, settings)
     click.echo(f"serving {name} on http://{host}:{port}/v1", err=True)
     try:

@@ -62,6 +62,7 @@ class ServerSettings:
     max_conversations: int = 64  # sessions kept by key; the least recently used is closed beyond this
     request_timeout_s: float = 600.0
     pml_root: str | None = None  # the only folder PML schemas sent over HTTP may read src= files from
+    parallel: int = 1  # chat answers generated together (continuous batching, worker.py)
 
 
 class Conversations:
@@ -89,7 +90,9 @@ class Conversations:
 
 
 def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
-    worker = Worker(cache, max_queue=settings.max_queue)
+    if settings.parallel > 1:
+        cache.batch(settings.parallel).close()  # the settings checked now (lanes, model, resident modules)
+    worker = Worker(cache, max_queue=settings.max_queue, parallel=settings.parallel)
     queues: dict[int, asyncio.Queue[Any]] = {}  # job id -> where its items arrive
     conversations = Conversations(settings.max_conversations)
     drafts: OrderedDict[str, Draft] = OrderedDict()  # conversation key -> the message typed in it (event loop only)
@@ -175,7 +178,9 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
                 draft.close()
             return pc.chat(parsed.messages, session=session, reuse=parsed.reuse, options=parsed.options)
 
-        return new_job(start)
+        job = new_job(start)
+        job.batchable = draft is None  # a draft's answer continues its type-ahead: it runs alone
+        return job
 
     async def draft_message(request: Request) -> Response:
         """``POST /v1/chat/drafts``: the message being typed in a conversation, sent again on every keystroke (or

@@ -34,6 +34,7 @@ without one.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class Batch:
         self.parallel = parallel
         self._release: Callable[[], None] | None = release
         self.tickets: list[Ticket] = []
+        self.owner = threading.get_ident()  # the thread that opened it: the only one that may use it
         self.steps = 0  # decode steps run
         self.batched_tokens = 0  # tokens decoded in steps of more than one answer
 
@@ -179,18 +181,25 @@ class Batch:
             else:
                 rows = self._context.decode_step([(t.token, t.seq, t.run.position) for t in live])  # type: ignore[misc]
                 self.batched_tokens += len(live)
-        except EngineError as exc:
+            self.steps += 1
+            ms = (time.perf_counter() - began) * 1000
+            for t, row in zip(live, rows, strict=True):
+                t.run.decoded(ms)
+                text = self._choose(t, row)
+                if text:
+                    out.append((t, text))
+        except Exception as exc:  # every answer of the step ends with the error (its cells removed)
             for t in live:
-                self._fail(t, exc)
+                if t in self.tickets:
+                    self._fail(t, exc)
             raise
-        self.steps += 1
-        ms = (time.perf_counter() - began) * 1000
-        for t, row in zip(live, rows, strict=True):
-            t.run.decoded(ms)
-            text = self._choose(t, row)
-            if text:
-                out.append((t, text))
         return out
+
+    def forget(self, state: SessionState) -> None:
+        """The session is being closed: its answer in flight, if any, stops now."""
+        for ticket in list(self.tickets):
+            if ticket.state is state:
+                self.cancel(ticket)
 
     def cancel(self, ticket: Ticket) -> None:
         """Stop an answer (its client went away): it ends now, its cells kept for its session."""

@@ -14,6 +14,7 @@ answer).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, ExitStack
@@ -196,6 +197,7 @@ class PromptCache:
         self._generation_prompt = tuple(runtime.model.tokenize(opening)) if opening else ()
         self._lock = CacheLock()
         self._typeahead: TypeAhead | None = None  # started by the first draft()
+        self._open_batch: Batch | None = None  # holds the cache while open (batch())
 
     # -- lifecycle and what a caller may read ------------------------------------------------------------
     def close(self) -> None:
@@ -465,13 +467,20 @@ class PromptCache:
                               "parallel=1")
         held = ExitStack()
         held.enter_context(self._exclusive())
-        return Batch(self._path, self._sessions, self._lanes, parallel, self._busy_lanes, held.close)
+        held.callback(setattr, self, "_open_batch", None)
+        self._open_batch = Batch(self._path, self._sessions, self._lanes, parallel, self._busy_lanes, held.close)
+        return self._open_batch
 
     def _repair_tokens(self, opts: GenerationOptions) -> int:
         """The request's boundary repair: its own option, else this cache's default."""
         return self.repair_tokens if opts.repair_tokens is None else opts.repair_tokens
 
     def _close_session(self, state: SessionState) -> None:
+        batch = self._open_batch
+        if batch is not None and batch.owner == threading.get_ident():  # a server's conversation dropped
+            batch.forget(state)
+            self._sessions.close(state)
+            return
         with self._exclusive():
             self._sessions.close(state)
 
