@@ -259,7 +259,7 @@ def stream_chat(client: httpx.Client, model_id: str, messages: Messages, max_tok
         ttft = total
     return {"ttft_ms": ttft * 1e3, "total_ms": total * 1e3, "answer": "".join(pieces),
             "prompt_n": timings.get("prompt_n"), "cache_n": timings.get("cache_n"),
-            "prompt_tokens": usage.get("prompt_tokens")}
+            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens")}
 
 
 # -- servers -----------------------------------------------------------------------------------------------------
@@ -293,13 +293,17 @@ def llama_options(system: str) -> dict[str, int]:
             "llama-server-noram": {"cache_ram_mib": 0}}[system]
 
 
-def server_command(system: str, settings: Settings, port: int) -> list[str]:
+def server_command(system: str, settings: Settings, port: int, parallel: int = 1) -> list[str]:
+    """``parallel``: answers generated together (pccpu's --parallel, llama-server's -np with a unified KV cache)."""
+    if parallel != 1 and kind(system) == "llama-cpp-python":
+        raise ServerError("llama-cpp-python's server answers one request at a time")
     if kind(system) == "pccpu":
         exe = shutil.which("pccpu", path=str(Path(sys.executable).parent)) or shutil.which("pccpu")
         if exe is None:
             raise ServerError("the pccpu command is not installed next to this Python")
         return [exe, "serve", "--model", settings.model_path, "--port", str(port), "--n-ctx", str(settings.n_ctx),
-                "--threads", str(settings.threads), "--reuse", "compose" if system == "pccpu-compose" else "exact"]
+                "--threads", str(settings.threads), "--reuse", "compose" if system == "pccpu-compose" else "exact",
+                "--parallel", str(parallel)]
     if kind(system) == "llama-cpp-python":
         shared = {"model": settings.model_path, "n_ctx": str(settings.n_ctx), "n_threads": str(settings.threads),
                   "n_threads_batch": str(settings.threads), "host": "127.0.0.1", "port": str(port)}
@@ -307,7 +311,7 @@ def server_command(system: str, settings: Settings, port: int) -> list[str]:
         return [sys.executable, "-m", "llama_cpp.server", *(a for name, value in options.items()
                                                             for a in (f"--{name}", value))]
     job = {"model": settings.model_path, "port": port, "n_ctx": settings.n_ctx, "threads": settings.threads,
-           **llama_options(system)}
+           "n_parallel": parallel, **llama_options(system)}
     return [sys.executable, "-m", "pccpu.bench.server_bench", "--llama-child", json.dumps(job)]
 
 
@@ -357,13 +361,14 @@ class Running:
 
 
 @contextmanager
-def running_server(system: str, settings: Settings, home: Path, log_path: Path) -> Iterator[Running]:
+def running_server(system: str, settings: Settings, home: Path, log_path: Path,
+                   parallel: int = 1) -> Iterator[Running]:
     """Start ``system`` in its own process (``home`` is pccpu's ``PCCPU_HOME``), wait until it answers, warm it up
     with one unmeasured request; stop it on exit."""
     port = free_port()
     started = time.perf_counter()
     with log_path.open("ab") as log:
-        proc = subprocess.Popen(server_command(system, settings, port), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(server_command(system, settings, port, parallel), stdout=log, stderr=subprocess.STDOUT,
                                 env=server_env(system, home), stdin=subprocess.DEVNULL)
     rss = RssSampler(proc.pid)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=REQUEST_TIMEOUT_S, trust_env=False)
@@ -416,7 +421,8 @@ def llama_child(job_json: str) -> None:
     params = xllamacpp.CommonParams()
     params.model.path = job["model"]
     params.n_ctx = job["n_ctx"]
-    params.n_parallel = 1
+    params.n_parallel = job.get("n_parallel", 1)
+    params.kv_unified = True  # every slot may use the whole context, as pccpu's answers in flight may
     params.flash_attn_type = xllamacpp.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
     params.cpuparams.n_threads = job["threads"]
     params.cpuparams_batch.n_threads = job["threads"]

@@ -4,6 +4,7 @@ The benchmark itself starts real servers and runs for an hour; its smoke test is
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 
@@ -12,6 +13,7 @@ import pytest
 from pccpu.bench.corpus import CorpusError
 from pccpu.bench.server_bench import (
     Sample,
+    ServerError,
     Settings,
     agreement,
     cut_documents,
@@ -122,6 +124,22 @@ def test_server_commands_name_the_reuse_mode_and_shared_settings() -> None:
     llama = server_command("llama-cpp-python", settings, 1234)
     assert llama[llama.index("--cache") + 1] == "True" and llama[llama.index("--host") + 1] == "127.0.0.1"
     assert not takes_parts("llama-cpp-python") and takes_parts("llama-server-reuse256")
+    batched = server_command("pccpu", settings, 1234, parallel=4)
+    assert batched[batched.index("--parallel") + 1] == "4" and exact[exact.index("--parallel") + 1] == "1"
+    llama_np = server_command("llama-server", settings, 1234, parallel=4)
+    assert json.loads(llama_np[-1])["n_parallel"] == 4
+    with pytest.raises(ServerError, match="one request at a time"):
+        server_command("llama-cpp-python", settings, 1234, parallel=2)
+
+
+def test_concurrency_bench_names_its_systems() -> None:
+    from pccpu.bench.concurrency import system_args
+
+    assert system_args("pccpu") == ("pccpu", 1) and system_args("pccpu-p4") == ("pccpu", 4)
+    assert system_args("llama-server") == ("llama-server", 1) and system_args("llama-server-np2") == ("llama-server", 2)
+    for bad in ("pccpu-p", "pccpu-4", "vllm", "llama-server-npx"):
+        with pytest.raises(ValueError, match="unknown system"):
+            system_args(bad)
 
 
 @pytest.fixture

@@ -356,7 +356,8 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
                                                          "created": 0, "owned_by": "pccpu"}]})
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "queued": worker.queued})
+        return JSONResponse({"status": "ok", "queued": worker.queued, "in_flight": worker.in_flight,
+                             "parallel": settings.parallel})
 
     async def metrics_text(request: Request) -> Response:
         try:

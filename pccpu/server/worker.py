@@ -29,6 +29,7 @@ from pccpu.service import Answer, Batch, PromptCache, Result, Ticket
 logger = logging.getLogger(__name__)
 
 END = object()  # delivered after a job's Result (or its error)
+NOT_STARTED = object()
 
 
 class QueueFullError(PccpuError):
@@ -97,9 +98,11 @@ class Worker:
         except RuntimeError:  # the receiving event loop is closed (shutdown): stop generating for it
             job.cancelled.set()
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job, answer: Any = NOT_STARTED) -> None:
+        """Run ``job`` alone (``answer``: what its ``start`` returned already)."""
         try:
-            answer = job.start(self.cache)
+            if answer is NOT_STARTED:
+                answer = job.start(self.cache)
             if not isinstance(answer, Answer):
                 self._deliver(job, answer)
                 self._deliver(job, END)
@@ -152,9 +155,9 @@ class Worker:
             except Exception as exc:
                 self._finish_job(job, exc)
                 continue
-            if not isinstance(answer, Answer):
-                self._deliver(job, answer)
-                self._deliver(job, END)
+            if not isinstance(answer, Answer) or not answer.batchable:
+                self._drain()
+                self._run(job, answer)
                 continue
             self._waiting.append((job, answer))
         return True

@@ -89,9 +89,14 @@ class Answer:
     def done(self) -> bool:
         return self._result is not None
 
+    @property
+    def batchable(self) -> bool:
+        """Whether ``Batch.admit`` can take this answer (a chat() or complete() answer with cache, not started)."""
+        return self._batch_job is not None and self._runner is not None and self._pieces is None and not self._closed
+
     def _take_batch_job(self) -> ChatJob | None:
         """For ``Batch.admit``: the request to run in a batch (None if it cannot be), this answer used up."""
-        if self._batch_job is None or self._runner is None or self._pieces is not None or self._closed:
+        if not self.batchable:
             return None
         job, self._batch_job = self._batch_job, None
         self._held_runner, self._runner = self._runner, None
