@@ -78,7 +78,8 @@ def client_run(running: Running, base_url: str, excerpt: str, requests: int, max
 def measure(system: str, settings: Settings, clients: int, requests: int, work: Path) -> dict[str, Any]:
     base, parallel = system_args(system)
     log_path = work / f"{system}.log"
-    with running_server(base, settings, work / "home", log_path, parallel=parallel) as running:
+    home = Path(tempfile.mkdtemp(prefix=f"{system}-", dir=work))  # every server starts with an empty store
+    with running_server(base, settings, home, log_path, parallel=parallel) as running:
         base_url = str(running.client.base_url)
         samples: list[dict[str, Any]] = []
         errors: list[BaseException] = []

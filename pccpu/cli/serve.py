@@ -12,7 +12,7 @@ from pccpu.cli.options import cache_options, open_prompt_cache
 
 logger = logging.getLogger(__name__)
 
-PARALLEL_DEFAULT = 1
+PARALLEL_DEFAULT = 4  # measured: bench/concurrency.py, docs/results/server-concurrency.md
 
 
 @click.command()
