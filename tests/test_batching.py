@@ -4,7 +4,6 @@ it must, and bad use is refused. The fake engine pins the logic; the real model 
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeCacheFactory
-from test_server import MODEL, messages, start_server, stop_server
+from test_server import concurrent_answers_match_one_by_one, start_server, stop_server
 
 from pccpu.errors import BusyError, ConfigError, InvalidArgumentError, OptionError
 from pccpu.service import Batch, PromptCache, Result, Ticket
@@ -153,33 +152,11 @@ def test_a_batched_server_answers_concurrent_clients_as_one_by_one(fake_cache: F
     monkeypatch.setattr(context, "decode", slow_decode)
     running = start_server(cache, api_key=None, max_new_tokens=8, parallel=4)
     try:
-        questions = [f"Question {i}: when does it open?" for i in range(4)]
-        client = running.client()
-        alone = {q: client.chat.completions.create(model=MODEL, temperature=0, messages=messages(q), max_tokens=24)
-                 .choices[0].message.content for q in questions}
-        answers: dict[str, list[str | None]] = {q: [] for q in questions}
-        errors: list[BaseException] = []
-
-        def client_loop(q: str) -> None:
-            try:
-                for _ in range(3):
-                    reply = running.client().chat.completions.create(model=MODEL, temperature=0,
-                                                                     messages=messages(q), max_tokens=24)
-                    answers[q].append(reply.choices[0].message.content)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=client_loop, args=(q,)) for q in questions]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
+        concurrent_answers_match_one_by_one(running, max_tokens=24)
         # a PML request (runs alone, after the answers in flight) still works beside batched chats
-        schemas = client.get("/pml/store", cast_to=object)
+        schemas = running.client().get("/pml/store", cast_to=object)
     finally:
         stop_server(running)
-    assert not errors
-    assert all(answers[q] == [alone[q]] * 3 for q in questions)
     assert context.step_calls > 0  # answers were generated together
     assert schemas is not None
 

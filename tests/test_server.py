@@ -232,18 +232,22 @@ def test_a_full_queue_is_refused(fake_cache: FakeCacheFactory) -> None:
         worker.stop()
 
 
-def test_concurrent_clients_get_the_answers_of_requests_sent_one_by_one(served: RunningServer) -> None:
-    questions = [f"Question {i}: when does it open?" for i in range(4)]
-    alone = {q: served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(q),
-                                                        max_tokens=4).choices[0].message.content for q in questions}
+def concurrent_answers_match_one_by_one(running: RunningServer, max_tokens: int, clients: int = 4,
+                                        rounds: int = 3) -> None:
+    """Each question asked alone, then by ``clients`` clients at once, ``rounds`` times each: no error, and every
+    answer equal to the one given alone (greedy)."""
+    questions = [f"Question {i}: when does it open?" for i in range(clients)]
+    alone = {q: running.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(q),
+                                                         max_tokens=max_tokens).choices[0].message.content
+             for q in questions}
     answers: dict[str, list[str | None]] = {q: [] for q in questions}
     errors: list[BaseException] = []
 
     def client_loop(q: str) -> None:
         try:
-            for _ in range(3):
-                reply = served.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(q),
-                                                                max_tokens=4)
+            for _ in range(rounds):
+                reply = running.client().chat.completions.create(model=MODEL, temperature=0, messages=messages(q),
+                                                                 max_tokens=max_tokens)
                 answers[q].append(reply.choices[0].message.content)
         except BaseException as exc:
             errors.append(exc)
@@ -254,7 +258,11 @@ def test_concurrent_clients_get_the_answers_of_requests_sent_one_by_one(served: 
     for t in threads:
         t.join(timeout=120)
     assert not errors
-    assert all(answers[q] == [alone[q]] * 3 for q in questions)
+    assert all(answers[q] == [alone[q]] * rounds for q in questions)
+
+
+def test_concurrent_clients_get_the_answers_of_requests_sent_one_by_one(served: RunningServer) -> None:
+    concurrent_answers_match_one_by_one(served, max_tokens=4)
 
 
 # -- the real model ------------------------------------------------------------------------------------------------
