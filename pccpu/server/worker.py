@@ -208,7 +208,7 @@ class Worker:
         for ticket, job in list(self._running.items()):
             if not ticket.done and job.cancelled.is_set():
                 self._batch.cancel(ticket)
-            if ticket.done or ticket not in self._batch.tickets:
+            if ticket.done:  # ended, failed or cancelled: out of the batch
                 del self._running[ticket]
                 self._finish_ticket(ticket, job)
 
