@@ -213,6 +213,7 @@ class Sample:
     cache_n: int | None  # tokens reused (timings.cache_n)
     prompt_tokens: int | None  # usage.prompt_tokens
     answer: str
+    completion_tokens: int | None = None  # usage.completion_tokens (absent from results saved before 2026-12-04)
 
 
 class ServerError(RuntimeError):

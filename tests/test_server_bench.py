@@ -212,3 +212,29 @@ def test_chunk_size_refuses_bad_arguments(argv: list[str], capsys: pytest.Captur
     with pytest.raises(SystemExit) as exit_info:
         chunk_size.main(argv)
     assert exit_info.value.code == 2 and capsys.readouterr().err
+
+
+def test_a_streamed_reply_becomes_a_sample() -> None:
+    """stream_chat's reply is what Run.add builds a Sample from (a field added to one and not the other broke a
+    whole benchmark run once): an SSE stream served by httpx's mock transport, through both."""
+    import httpx
+
+    from pccpu.bench.server_bench import Run, stream_chat
+
+    events = [{"choices": [{"delta": {"content": "Hel"}}]}, {"choices": [{"delta": {"content": "lo"}}]},
+              {"choices": [{"delta": {}, "finish_reason": "stop"}]},
+              {"choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 2},
+               "timings": {"prompt_n": 5, "cache_n": 7}}]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert json.loads(request.content)["stream"] is True
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    with httpx.Client(transport=httpx.MockTransport(handler), base_url="http://test") as client:
+        reply = stream_chat(client, "m", [{"role": "user", "content": "hi"}], 8)
+    run = Run("pccpu", 2048, 0)
+    run.add("chats", "A1", 1, [{"role": "user", "content": "hi"}], reply)
+    (got,) = run.samples
+    assert (got.answer, got.prompt_n, got.cache_n, got.prompt_tokens, got.completion_tokens) == ("Hello", 5, 7, 12, 2)
+    assert 0 < got.ttft_ms <= got.total_ms
