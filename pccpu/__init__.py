@@ -27,6 +27,7 @@ _EXPORTS = {
     "Result": "pccpu.service",
     "ModuleUse": "pccpu.service",
     "Timings": "pccpu.service",
+    "TokenLogprob": "pccpu.service",
     "CacheStats": "pccpu.service",
     "Request": "pccpu.service",
     "GenerationOptions": "pccpu.service",
@@ -47,7 +48,7 @@ __all__ = [
     "Answer", "Batch", "BusyError", "CacheStats", "ConfigError", "Draft", "EngineError", "GenerationOptions",
     "ModelError",
     "ModuleArgs", "ModuleUse", "OptionError", "PccpuError", "PmlError", "PromptCache", "Request", "Result", "Session",
-    "SessionError", "StoreError", "Timings", "TypingStats", "__version__", "build_prompt_xml",
+    "SessionError", "StoreError", "Timings", "TokenLogprob", "TypingStats", "__version__", "build_prompt_xml",
 ]
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ if TYPE_CHECKING:
         Result,
         Session,
         Timings,
+        TokenLogprob,
         TypingStats,
         build_prompt_xml,
     )

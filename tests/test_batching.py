@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import FakeCacheFactory
+from greedy import assert_answers_close
 from test_server import concurrent_answers_match_one_by_one, start_server, stop_server
 
 from pccpu.errors import BusyError, ConfigError, InvalidArgumentError, OptionError
@@ -189,19 +190,20 @@ def test_decode_step_checks_before_calling_llama_cpp(default_model: Any) -> None
 
 def test_real_model_batched_answers_match_answers_alone(default_model_path: Path, tmp_path: Path) -> None:
     with PromptCache(str(default_model_path), n_ctx=2048, n_threads=2, store_dir=tmp_path) as pc:
-        alone = [pc.chat(chat(n), max_tokens=16, keep_logits=True).result() for n in (3, 7, 11)]
+        alone = [pc.chat(chat(n), max_tokens=16, keep_logits=True, top_logprobs=5).result() for n in (3, 7, 11)]
         pc.clear_store()
         with pc.batch(parallel=3) as batch:
-            tickets = [batch.admit(pc.chat(chat(n), max_tokens=16, keep_logits=True, session=pc.session()))
-                       for n in (3, 7, 11)]
+            tickets = [batch.admit(pc.chat(chat(n), max_tokens=16, keep_logits=True, top_logprobs=5,
+                                           session=pc.session())) for n in (3, 7, 11)]
             run_to_end(batch)
             assert batch.batched_tokens > 0
         batched = results(tickets)
     # the first was prefilled alone (same cells, same logits); all are generated beside the others, where llama.cpp
-    # rounds differently in the last bits: the greedy text is still the same
+    # rounds differently in the last bits (how much depends on the CPU's kernels): the same greedy answers up to a
+    # near-tie, where rounding may pick the runner-up
     assert batched[0].first_logits is not None and alone[0].first_logits is not None
     assert np.array_equal(batched[0].first_logits, alone[0].first_logits)
-    assert [r.text for r in batched] == [r.text for r in alone]
+    assert_answers_close(alone, batched)
     for a, b in zip(alone[1:], batched[1:], strict=True):
         assert a.first_logits is not None and b.first_logits is not None
         assert int(np.argmax(a.first_logits)) == int(np.argmax(b.first_logits))

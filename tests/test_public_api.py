@@ -11,13 +11,14 @@ PUBLIC = [
     "Answer", "Batch", "BusyError", "CacheStats", "ConfigError", "Draft", "EngineError", "GenerationOptions",
     "ModelError",
     "ModuleArgs", "ModuleUse", "OptionError", "PccpuError", "PmlError", "PromptCache", "Request", "Result", "Session",
-    "SessionError", "StoreError", "Timings", "TypingStats", "__version__", "build_prompt_xml",
+    "SessionError", "StoreError", "Timings", "TokenLogprob", "TypingStats", "__version__", "build_prompt_xml",
 ]
 
 PROMPT_CACHE_METHODS = [
     "add_schema", "ask", "ask_parts", "batch", "chat", "complete", "clear_residents", "clear_store", "close",
     "detokenize", "draft",
-    "encode", "kv_bytes_per_token", "model_info", "model_path", "n_ctx", "pin", "plan", "schemas", "session", "stats",
+    "encode", "kv_bytes_per_token", "model_info", "model_path", "n_ctx", "n_seq_max_for", "pin", "plan", "schemas",
+    "session", "stats",
     "tokenize", "warm_up", "mode",
 ]
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from greedy import assert_answers_close
 from test_service import (
     FID_PROMPT,
     FID_SCHEMA,
@@ -195,3 +196,29 @@ def test_switching_sessions_keeps_the_resident_runs(default_model_path: Path) ->
         assert pc.stats().residents.hits > hits
         # the runs it took hold their cells: the answer is the host path's (close: cells lie around the runs)
         assert kl_divergence(first.first_logits, again.first_logits) < 5e-2
+
+
+def test_a_batch_keeps_the_resident_runs_and_leaves_them_their_cells(default_model_path: Path) -> None:
+    """Batched chats beside resident runs: the runs stay in the KV cache through the batch (the next PML prompt
+    takes them without a restore), the batch counts only the cells the runs cannot hold as its own, and the
+    batched answers are the answers given alone (up to rounding: ``greedy.py``)."""
+    conversations = [[{"role": "user", "content": f"Name {n} colours, one per line."}] for n in (2, 3, 4)]
+    with make_cache(default_model_path, persist=False, resident_budget=BUDGET) as pc:
+        pc.add_schema(WRAPPED_SCHEMA)
+        alone = [pc.chat(m, max_tokens=12, top_logprobs=5, session=pc.session()).result() for m in conversations]
+        prefill(pc, WRAPPED_PROMPT)
+        held = resident_modules(pc)
+        assert held
+        with pc.batch(parallel=3) as batch:
+            assert batch.capacity == pc._runtime.context.n_ctx - pc._residents.budget_cells
+            tickets = [batch.admit(pc.chat(m, max_tokens=12, top_logprobs=5, session=pc.session()))
+                       for m in conversations]
+            while batch.active:
+                batch.step()
+            assert batch.batched_tokens > 0
+        assert_answers_close(alone, [t.result if t else None for t in tickets])
+        assert resident_modules(pc) == held
+        hits = pc.stats().residents.hits
+        with pc.session() as other:
+            prefill(other, WRAPPED_PROMPT)
+        assert pc.stats().residents.hits > hits

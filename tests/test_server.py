@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import queue
@@ -107,6 +108,29 @@ def test_streamed_chat_ends_with_usage_and_done(served: RunningServer) -> None:
     assert raw.text.rstrip().endswith("data: [DONE]")
 
 
+def test_logprobs_streamed_or_not(served: RunningServer) -> None:
+    """``logprobs`` / ``top_logprobs`` in OpenAI's shape: one entry per generated token whose bytes make the text,
+    the greedy choice first among its alternatives; a stream carries the same entries; without them, none."""
+    client = served.client()
+    ask = {"model": MODEL, "temperature": 0, "messages": messages(), "max_tokens": 5}
+    reply = client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
+    entries = reply.choices[0].logprobs.content
+    assert reply.usage is not None and len(entries) == reply.usage.completion_tokens == 5
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == reply.choices[0].message.content
+    for entry in entries:
+        best = entry.top_logprobs[0]
+        assert entry.logprob <= 0 and (best.bytes, best.logprob) == (entry.bytes, entry.logprob)
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    streamed = [e for c in client.chat.completions.create(**ask, logprobs=True, top_logprobs=2, stream=True)
+                if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.bytes, e.logprob) for e in streamed] == [(e.bytes, e.logprob) for e in entries]
+    assert [len(e.top_logprobs) for e in client.chat.completions.create(**ask, logprobs=True).choices[0]
+            .logprobs.content] == [0] * 5
+    assert client.chat.completions.create(**ask).choices[0].logprobs is None
+    refused = httpx.post(f"{served.url}/v1/completions", json={"prompt": "Once", "logprobs": 2}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+
+
 def test_conversations_and_documents_are_reused(served: RunningServer) -> None:
     client = served.client()
     first = client.chat.completions.create(model=MODEL, temperature=0, messages=messages(), max_tokens=4,
@@ -171,7 +195,10 @@ def test_models_health_and_metrics(served: RunningServer) -> None:
     ({"messages": "hi"}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404, "model"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400, "presence_penalty"),
     ({"messages": [{"role": "user", "content": "hi"}], "temprature": 0.5}, 400, "temprature"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}, 400, "temperature"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
@@ -348,23 +375,27 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.parametrize(("args", "expected"), [([], 5), (["--idle-timeout", "1"], 1)])
-def test_serve_idle_timeout_closes_kept_alive_connections(fake_cache: FakeCacheFactory,
-                                                          monkeypatch: pytest.MonkeyPatch, args: list[str],
-                                                          expected: int) -> None:
-    """``pccpu serve --idle-timeout`` reaches uvicorn: the real command (on the fake engine) closes a kept-alive
-    connection after that many idle seconds."""
+@contextlib.contextmanager
+def serve_command(fake_cache: FakeCacheFactory, monkeypatch: pytest.MonkeyPatch,
+                  args: list[str]) -> Iterator[tuple[uvicorn.Server, int, dict[str, Any]]]:
+    """The real ``pccpu serve`` command on the fake engine, in a thread: the uvicorn server it built, its port, and
+    the options it opened its cache with."""
     from pccpu.cli import serve as serve_cli
 
     servers: list[uvicorn.Server] = []
+    opened: dict[str, Any] = {}
 
     class Recorded(uvicorn.Server):  # the server uvicorn.run builds, kept to stop it afterwards
         def __init__(self, config: uvicorn.Config) -> None:
             super().__init__(config)
             servers.append(self)
 
+    def open_fake(**opts: Any) -> PromptCache:
+        opened.update(opts)
+        return fake_cache(n_seq_max=opts["n_seq_max"])
+
     monkeypatch.setattr(importlib.import_module("uvicorn.main"), "Server", Recorded)
-    monkeypatch.setattr(serve_cli, "open_prompt_cache", lambda **opts: fake_cache())
+    monkeypatch.setattr(serve_cli, "open_prompt_cache", open_fake)
     port = free_port()
     thread = threading.Thread(target=serve_cli.serve.main, daemon=True,
                               args=(["--port", str(port), "--model-id", MODEL, *args],),
@@ -375,7 +406,21 @@ def test_serve_idle_timeout_closes_kept_alive_connections(fake_cache: FakeCacheF
         assert time.monotonic() < deadline and thread.is_alive(), "pccpu serve did not start"
         time.sleep(0.02)
     try:
-        assert servers[0].config.timeout_keep_alive == expected
+        yield servers[0], port, opened
+    finally:
+        servers[0].should_exit = True
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize(("args", "expected"), [([], 5), (["--idle-timeout", "1"], 1)])
+def test_serve_idle_timeout_closes_kept_alive_connections(fake_cache: FakeCacheFactory,
+                                                          monkeypatch: pytest.MonkeyPatch, args: list[str],
+                                                          expected: int) -> None:
+    """``pccpu serve --idle-timeout`` reaches uvicorn: the real command (on the fake engine) closes a kept-alive
+    connection after that many idle seconds."""
+    with serve_command(fake_cache, monkeypatch, args) as (server, port, _):
+        assert server.config.timeout_keep_alive == expected
         if expected <= 2:  # waiting for the default's 5 s would only slow the quick loop down
             with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
                 conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # HTTP/1.1: kept alive
@@ -386,10 +431,18 @@ def test_serve_idle_timeout_closes_kept_alive_connections(fake_cache: FakeCacheF
                 idle = time.monotonic() - answered
             assert received.startswith(b"HTTP/1.1 200")
             assert expected - 0.5 < idle < 4.5  # closed by the idle timeout; uvicorn's default would wait 5 s
-    finally:
-        servers[0].should_exit = True
-        thread.join(timeout=30)
-    assert not thread.is_alive()
+
+
+@pytest.mark.parametrize(("parallel", "n_seq_max"), [(4, 16), (20, 22)])
+def test_serve_opens_a_sequence_for_every_parallel_answer(fake_cache: FakeCacheFactory,
+                                                          monkeypatch: pytest.MonkeyPatch, parallel: int,
+                                                          n_seq_max: int) -> None:
+    """``pccpu serve --parallel N`` starts for any N it accepts: the cache gets a lane per answer beside the
+    request sequence (at least the default 16 sequences), and /health reports the parallelism."""
+    with serve_command(fake_cache, monkeypatch, ["--parallel", str(parallel)]) as (_, port, opened):
+        assert opened["n_seq_max"] == n_seq_max
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+        assert health["parallel"] == parallel
 
 
 def test_conversations_without_a_key_are_found_by_content(served: RunningServer) -> None:

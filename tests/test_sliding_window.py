@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from greedy import assert_answers_close
 from test_service import check_shifted_reuse
 
 from pccpu.bench.fidelity import kl_divergence
@@ -249,3 +250,42 @@ def test_schema_show_reports_what_the_window_costs(gemma_model_path: Path, tmp_p
     assert result.exit_code == 0, result.output
     assert "sliding window: 15 of 18 layers see the last 512 positions" in result.output
     assert "a full n_ctx=4096 context is 72.0 MiB of KV, 27.0 MiB with llama.cpp's default" in result.output
+
+
+def test_batched_answers_past_the_window_equal_answers_alone(gemma_model_path: Path, tmp_path: Path) -> None:
+    """Batch lanes on a sliding-window model: three conversations over documents longer than the window, answered
+    together (llama.cpp reuses the window cells one lane can no longer see for another lane's tokens, and the
+    context follows every lane's window floor), give the answers given alone (up to rounding: ``greedy.py``), and
+    so do their follow-ups, which continue from sessions parked out of the lanes."""
+    def opening(n: int) -> list[dict[str, str]]:
+        return [{"role": "system", "content": "You answer questions about towns."},
+                {"role": "user", "content": gazetteer(3 * n, 10) + f"\nWhen was entry {3 * n + 4} founded?"}]
+
+    def follow_up(n: int, answer: str) -> list[dict[str, str]]:
+        return [*opening(n), {"role": "assistant", "content": answer},
+                {"role": "user", "content": "And how many arches has its bridge?"}]
+
+    with PromptCache(str(gemma_model_path), n_ctx=4096, n_threads=2, store_dir=tmp_path) as pc:
+        sessions = [pc.session(f"alone{n}") for n in range(3)]
+        alone = [pc.chat(opening(n), session=s, max_tokens=24, top_logprobs=5).result()
+                 for n, s in enumerate(sessions)]
+        alone_next = [pc.chat(follow_up(n, alone[n].text), session=s, max_tokens=12, top_logprobs=5).result()
+                      for n, s in enumerate(sessions)]
+        pc.clear_store()
+        sessions = [pc.session(f"batched{n}") for n in range(3)]
+        with pc.batch(parallel=3) as batch:
+            first = [batch.admit(pc.chat(opening(n), session=s, max_tokens=24, top_logprobs=5))
+                     for n, s in enumerate(sessions)]
+            while batch.active:
+                batch.step()
+            second = [batch.admit(pc.chat(follow_up(n, alone[n].text), session=s, max_tokens=12, top_logprobs=5))
+                      for n, s in enumerate(sessions)]
+            while batch.active:
+                batch.step()
+            assert batch.batched_tokens > 0
+    batched = [t.result for t in first if t is not None]
+    batched_next = [t.result for t in second if t is not None]
+    assert len(batched) == len(batched_next) == 3 and all(r is not None for r in batched + batched_next)
+    assert min(r.prompt_tokens for r in alone) > N_SWA  # every lane's tokens attend through a full window
+    assert_answers_close(alone, batched)  # up to rounding (greedy.py)
+    assert_answers_close(alone_next, batched_next)

@@ -68,18 +68,18 @@ def open_prompt_cache(model: str | None, n_ctx: int, threads: int | None, mode: 
                       namespace: str, no_persist: bool, gpu_layers: str, kv_on_cpu: bool, resident_mb: int,
                       repair_tokens: int = DEFAULT_REPAIR_TOKENS, reuse_previous: bool = True,
                       chat_reuse: str = "exact", store_url: str | None = None,
-                      chat_template: Path | None = None) -> PromptCache:
+                      chat_template: Path | None = None, n_seq_max: int | None = None) -> PromptCache:
     from pccpu.engine import parse_gpu_layers
     from pccpu.service import PromptCache
+    from pccpu.service.prompt_cache import N_SEQ_MAX_DEFAULT
 
     n_gpu_layers = parse_gpu_layers(gpu_layers)
     # flash attention: needed by a q8_0 V cache; on a GPU, faster (None lets PromptCache decide)
     flash_attn = True if kv_type != "f16" else None
     template = read_chat_template(chat_template) if chat_template is not None else None
     return PromptCache(model, n_ctx=n_ctx, n_threads=threads, mode=mode, roles=roles, chat_template=template,
-                       type_k=kv_type,
-                       type_v=kv_type, flash_attn=flash_attn, namespace=namespace, persist=not no_persist,
-                       store_url=store_url or None,
+                       type_k=kv_type, type_v=kv_type, n_seq_max=N_SEQ_MAX_DEFAULT if n_seq_max is None else n_seq_max,
+                       flash_attn=flash_attn, namespace=namespace, persist=not no_persist, store_url=store_url or None,
                        n_gpu_layers=n_gpu_layers, offload_kqv=not kv_on_cpu, resident_budget=resident_mb << 20,
                        repair_tokens=repair_tokens, reuse_previous=reuse_previous, chat_reuse=chat_reuse)
 

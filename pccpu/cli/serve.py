@@ -48,11 +48,14 @@ def serve(host: str, port: int, api_key: str | None, model_id: str | None, max_q
     import uvicorn
 
     from pccpu.server import ServerSettings, create_app
+    from pccpu.service import PromptCache
+    from pccpu.service.prompt_cache import N_SEQ_MAX_DEFAULT
 
     if not _is_loopback(host):
         click.echo(f"warning: listening on {host}: anyone who can reach it can use the model"
                    f"{'' if api_key else ' (no --api-key set)'}", err=True)
-    cache = open_prompt_cache(**opts, chat_reuse=reuse)
+    n_seq_max = max(N_SEQ_MAX_DEFAULT, PromptCache.n_seq_max_for(parallel))  # a lane for each of --parallel
+    cache = open_prompt_cache(**opts, chat_reuse=reuse, n_seq_max=n_seq_max)
     name = model_id or cache.model_path.stem
     settings = ServerSettings(model_id=name, api_key=api_key, max_queue=max_queue, max_new_tokens=max_new_tokens,
                               pml_root=pml_root, parallel=parallel)

@@ -16,6 +16,7 @@ import numpy as np
 
 from pccpu.engine.protocols import Context, Model
 from pccpu.errors import ConfigError, InternalError
+from pccpu.generation.logprobs import TokenLogprob, check_top_logprobs, token_logprob
 from pccpu.generation.sampling import Sampler, SamplingSettings
 
 
@@ -24,8 +25,11 @@ class GenerationSettings:
     max_tokens: int = 128
     stop: tuple[str, ...] = ()
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    # None: no log-probabilities; k: each generated token's and the k most likely at its position (logprobs.py)
+    top_logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        check_top_logprobs(self.top_logprobs)
         if self.max_tokens < 0:
             raise ConfigError(f"max_tokens must be >= 0 (0 only prefills the prompt), got {self.max_tokens}")
         if any(not s for s in self.stop):
@@ -37,6 +41,7 @@ class GenerationOutcome:
     """Filled in while the stream runs; complete once it ends."""
 
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token when top_logprobs is set, else None
     text: str = ""
     finish_reason: str = ""  # "eog" | "stop" | "length" | "context" | "cancelled"
     decode_ms: float = 0.0
@@ -63,6 +68,8 @@ class Generation:
         self._out: list[str] = []
         self.finished = settings.max_tokens == 0
         self.outcome.finish_reason = "length" if self.finished else "cancelled"
+        if settings.top_logprobs is not None:
+            self.outcome.logprobs = []
 
     def choose(self, logits: np.ndarray) -> int | None:
         if self.finished:
@@ -73,6 +80,9 @@ class Generation:
             return None
         outcome = self.outcome
         outcome.tokens.append(token)
+        if outcome.logprobs is not None and self.settings.top_logprobs is not None:
+            outcome.logprobs.append(token_logprob(logits, token, top=self.settings.top_logprobs,
+                                                  piece=self.model.token_to_piece))
         self._recent.append(token)
         self._pending += self._decoder.decode(self.model.token_to_piece(token))
         cut = _find_stop(self._pending, self.settings.stop)

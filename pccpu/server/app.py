@@ -40,6 +40,7 @@ from pccpu.server.openai_api import (
     chunk,
     completion_id,
     finish_reason,
+    logprobs,
     parse_chat_request,
     parse_completion_request,
     parse_draft_request,
@@ -237,11 +238,11 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
             job.cancelled.set()  # a no-op once it finished; stops it if this coroutine was cancelled
 
     def event(ident: str, text: bool, piece: str | None = None, finish: str | None = None,
-              result: Result | None = None) -> str:
+              result: Result | None = None, token_logprobs: dict[str, Any] | None = None) -> str:
         if text:
             return sse(text_chunk(settings.model_id, ident, piece or "", finish, result))
         delta = {} if piece is None else {"content": piece}
-        return sse(chunk(settings.model_id, ident, delta, finish, result))
+        return sse(chunk(settings.model_id, ident, delta, finish, result, token_logprobs))
 
     async def stream(job: Job, ident: str, include_usage: bool, text: bool) -> AsyncIterator[str]:
         try:
@@ -255,7 +256,8 @@ def create_app(cache: PromptCache, settings: ServerSettings) -> Starlette:
                     yield event(ident, text, item)
                 elif isinstance(item, Result):
                     metrics.record(item)
-                    yield event(ident, text, finish=finish_reason(item))
+                    # the answer's log-probabilities, whole, in the finishing chunk (clients join the chunks')
+                    yield event(ident, text, finish=finish_reason(item), token_logprobs=logprobs(item))
                     if include_usage:
                         yield event(ident, text, result=item)
                 else:  # an error after the response started: OpenAI's clients read an error event

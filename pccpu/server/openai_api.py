@@ -1,8 +1,9 @@
 """OpenAI's chat-completions format: request bodies checked into pccpu options, results written as OpenAI and
 llama-server clients read them, and errors in OpenAI's shape.
 
-Every parameter is either honoured, refused with a 400 that names it (``n`` other than 1, ``logprobs``, penalties,
-tools), or unknown (also a 400): none is silently ignored.
+Every parameter is either honoured, refused with a 400 that names it (``n`` other than 1, penalties, tools), or
+unknown (also a 400): none is silently ignored. ``logprobs`` / ``top_logprobs`` are chat-completion parameters
+(``generation/logprobs.py``); a stream carries the answer's log-probabilities in its finishing chunk.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pccpu.generation.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from pccpu.service import GenerationOptions, Result
 from pccpu.service.chat import CHAT_REUSE, ChatReuse
 
 # accepted with no effect on the answer: they only describe the request
 DESCRIPTIVE = {"model", "messages", "stream", "stream_options", "user", "prompt_cache_key", "metadata", "store",
                "pccpu"}
-SAMPLING = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n"}
+SAMPLING = {"max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "seed", "n", "logprobs",
+            "top_logprobs"}
 # known OpenAI parameters pccpu does not implement: refused unless they hold their neutral value
 NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
     "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}), "parallel_tool_calls": (None,),
     "service_tier": (None, "auto", "default"),
@@ -59,7 +62,8 @@ class ChatRequest:
 
 
 # /v1/completions: a prompt string instead of messages, and its own neutral parameters
-COMPLETION_NEUTRAL: dict[str, tuple[Any, ...]] = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1)}
+COMPLETION_NEUTRAL: dict[str, tuple[Any, ...]] = {"echo": (None, False), "suffix": (None, ""), "best_of": (None, 1),
+                                                  "logprobs": (None,), "top_logprobs": (None,)}
 
 
 def parse_completion_request(body: Any, model_id: str, *, max_new_tokens: int) -> ChatRequest:
@@ -138,7 +142,8 @@ def _parse(body: Any, model_id: str, *, max_new_tokens: int, messages_required: 
         raise RequestError(f"pccpu.repair_tokens must be an integer from 0 to 4096, got {repair!r}",
                            param="pccpu.repair_tokens")
     options = GenerationOptions(max_tokens=max_tokens, stop=tuple(stops), temperature=temperature,
-                                top_p=top_p if top_p > 0 else 1e-6, seed=seed, repair_tokens=repair)
+                                top_p=top_p if top_p > 0 else 1e-6, seed=seed, repair_tokens=repair,
+                                top_logprobs=_top_logprobs(body))
     return ChatRequest(messages, options, stream, include_usage, conversation, reuse)
 
 
@@ -180,6 +185,20 @@ def parse_draft_request(body: Any) -> DraftRequest:
     if reuse is not None and reuse not in CHAT_REUSE:
         raise RequestError(f'pccpu.reuse must be "exact" or "compose", got {reuse!r}', param="pccpu.reuse")
     return DraftRequest(messages, text, conversation, reuse)
+
+
+def _top_logprobs(body: Mapping[str, Any]) -> int | None:
+    """OpenAI's pair: ``logprobs: true`` asks for them, ``top_logprobs`` (0-20) adds the most likely tokens."""
+    wanted = _typed(body, "logprobs", bool, False)
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise RequestError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}",
+                           param="top_logprobs")
+    if not wanted and top:
+        raise RequestError("top_logprobs needs logprobs: true", param="logprobs")
+    return top if wanted else None
 
 
 def _typed(body: Mapping[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -235,10 +254,22 @@ def finish_reason(result: Result) -> str:
     return "length" if result.finish_reason in ("length", "context") else "stop"
 
 
+def logprobs(result: Result) -> dict[str, Any] | None:
+    """A choice's ``logprobs`` in OpenAI's chat shape (None when the request did not ask for them)."""
+    if result.logprobs is None:
+        return None
+
+    def entry(lp: TokenLogprob) -> dict[str, Any]:
+        return {"token": lp.piece.decode("utf-8", errors="replace"), "logprob": lp.logprob, "bytes": list(lp.piece)}
+
+    return {"content": [dict(entry(lp), top_logprobs=[entry(t) for t in lp.top]) for lp in result.logprobs],
+            "refusal": None}
+
+
 def chat_completion(result: Result, model_id: str, ident: str) -> dict[str, Any]:
     return {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": finish_reason(result), "logprobs": None}],
+                         "finish_reason": finish_reason(result), "logprobs": logprobs(result)}],
             "usage": usage(result), "timings": timings(result)}
 
 
@@ -260,10 +291,10 @@ def text_chunk(model_id: str, ident: str, text: str, finish: str | None = None,
 
 
 def chunk(model_id: str, ident: str, delta: dict[str, Any], finish: str | None = None,
-          result: Result | None = None) -> dict[str, Any]:
+          result: Result | None = None, token_logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()),
                             "model": model_id, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                            "logprobs": None}]}
+                                                            "logprobs": token_logprobs}]}
     if result is not None:  # the usage chunk: no choices (stream_options.include_usage)
         body["choices"] = []
         body["usage"] = usage(result)

@@ -9,10 +9,10 @@ from pccpu.service.options import GenerationKwargs, GenerationOptions
 from pccpu.service.prompt_builder import ModuleArgs, build_prompt_xml
 from pccpu.service.prompt_cache import CacheStats, PromptCache
 from pccpu.service.request import Request
-from pccpu.service.result import ModuleUse, Result, Timings
+from pccpu.service.result import ModuleUse, Result, Timings, TokenLogprob
 from pccpu.service.session import Session
 from pccpu.service.typeahead import Draft, TypingStats
 
 __all__ = ["Answer", "Batch", "BusyError", "CacheStats", "Draft", "GenerationKwargs", "GenerationOptions", "ModuleArgs",
            "ModuleUse", "OptionError", "PromptCache", "Request", "Result", "Session", "SessionError", "Ticket",
-           "Timings", "TypingStats", "build_prompt_xml"]
+           "Timings", "TokenLogprob", "TypingStats", "build_prompt_xml"]

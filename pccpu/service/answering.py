@@ -153,6 +153,7 @@ class RequestPath:
             finish_reason=outcome.finish_reason, modules=prefill.uses,
             timings=Timings(generate_ms=outcome.decode_ms, **clock), cached=cache, warnings=prompt.warnings,
             first_logits=first_logits, exact=prefill.exact,
+            logprobs=None if outcome.logprobs is None else tuple(outcome.logprobs),
         )
 
     def _sources(self, request: Request, state: SessionState, clock: dict[str, float]) -> dict[str, ModuleSource]:

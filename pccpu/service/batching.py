@@ -21,6 +21,10 @@ another request is admitted, the answer in the request sequence moves to a *lane
 parks its session's cells in RAM from there (what a switch of sessions would do); one that ends in the request
 sequence leaves its session active. Lanes are the scratch sequences, which only PML requests use (those run alone).
 
+Sliding-window models (Gemma 3) batch the same way: a token of one lane may take a window cell that another lane's
+next token can no longer see (llama.cpp's ``find_slot``), and the context follows every sequence's window floor, so
+a session whose old cells were taken starts its next turn from the module store, as it would alone.
+
 Admission. A request waits (``admit`` returns None) while its session has an answer in flight, while every lane is
 taken, or while the KV cells that the answers in flight may still need (prompt plus max_tokens each) leave too few
 for its own; a prefill that finds no room anyway (cells scattered between lanes) waits too, for the batch to empty.
@@ -123,8 +127,9 @@ class Batch:
 
     @property
     def capacity(self) -> int:
-        """KV cells the answers in flight may use together."""
-        return self._context.n_ctx
+        """KV cells the answers in flight may use together: the context's, less what resident module runs may hold
+        (``resident.py``: the context was made that much larger for them)."""
+        return self._context.n_ctx - self._path.residents.budget_cells
 
     def admit(self, answer: Answer) -> Ticket | None:
         """Prefill ``answer``'s request and choose its first token; None when it must wait (see the module's doc).

@@ -39,6 +39,7 @@ class GenerationKwargs(TypedDict, total=False):
     seed: int | None
     add_generation_prompt: bool | None
     keep_logits: bool
+    top_logprobs: int | None
     repair_tokens: int | None
 
 
@@ -48,7 +49,9 @@ class GenerationOptions:
 
     ``max_tokens=0`` only prefills the prompt (with ``keep_logits``, for fidelity checks). ``add_generation_prompt``:
     open the assistant's turn after the prompt (None: when the prompt ends a user turn). ``keep_logits``: keep the
-    next-token logits after the prompt in ``Result.first_logits``. ``repair_tokens``: boundary repair, how many first
+    next-token logits after the prompt in ``Result.first_logits``. ``top_logprobs``: report each generated token's
+    log-probability and the ``top_logprobs`` most likely tokens at its position in ``Result.logprobs`` (None: not
+    computed; see ``generation/logprobs.py``). ``repair_tokens``: boundary repair, how many first
     tokens of each composed module (placed after other text than it was encoded after) to decode in place (None: the
     PromptCache's default; 0: none, every cached cell restored as stored; see ``service/repair.py``).
     """
@@ -64,6 +67,7 @@ class GenerationOptions:
     seed: int | None = None
     add_generation_prompt: bool | None = None
     keep_logits: bool = False
+    top_logprobs: int | None = None
     repair_tokens: int | None = None
 
     def __post_init__(self) -> None:
@@ -99,7 +103,8 @@ class GenerationOptions:
                                 repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n, seed=self.seed)
 
     def generation(self) -> GenerationSettings:
-        return GenerationSettings(max_tokens=self.max_tokens, stop=self.stop, sampling=self.sampling)
+        return GenerationSettings(max_tokens=self.max_tokens, stop=self.stop, sampling=self.sampling,
+                                  top_logprobs=self.top_logprobs)
 
 
 def check_repair_tokens(value: object, *, optional: bool = False) -> None:

@@ -69,6 +69,8 @@ from pccpu.store.module_store import StoreStats, default_ram_budget
 
 logger = logging.getLogger(__name__)
 
+N_SEQ_MAX_DEFAULT = 16  # request, work and save sequences, then scratch sequences (PML modules, batch lanes)
+
 __all__ = ["REQUEST_SEQ", "CacheStats", "PromptCache"]
 
 
@@ -93,7 +95,7 @@ class PromptCache:
         flash_attn: bool | None = None,
         type_k: str = "f16",
         type_v: str = "f16",
-        n_seq_max: int = 16,
+        n_seq_max: int = N_SEQ_MAX_DEFAULT,
         mode: str = "sequential",
         roles: str = "auto",
         chat_template: str | None = None,
@@ -450,6 +452,12 @@ class PromptCache:
 
         return PlannedChat(len(trace), PromptFacts(len(trace), trace.values.tolist), session, prefill, started, clock)
 
+    @staticmethod
+    def n_seq_max_for(parallel: int) -> int:
+        """The smallest ``n_seq_max`` whose cache can open ``batch(parallel)``: the answer in the request sequence,
+        and a lane (a scratch sequence) for each other one."""
+        return parallel + FIRST_SCRATCH_SEQ - 1
+
     def batch(self, parallel: int = 4) -> Batch:
         """Generate several chat answers together (``batching.py``): ``admit`` chat() or complete() answers, then
         ``step`` until none is active. Holds this cache until the batch is closed (other calls get BusyError).
@@ -457,14 +465,8 @@ class PromptCache:
         if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
             raise ConfigError(f"parallel must be an integer >= 1, got {parallel!r}")
         if parallel > len(self._lanes) + 1:
-            raise ConfigError(f"parallel={parallel} needs n_seq_max >= {parallel + FIRST_SCRATCH_SEQ - 1} (a lane "
+            raise ConfigError(f"parallel={parallel} needs n_seq_max >= {self.n_seq_max_for(parallel)} (a lane "
                               f"per answer beside the request sequence); this cache has {len(self._lanes)} lanes")
-        if parallel > 1 and self.model_info.n_swa:
-            raise ConfigError("batched generation is not available for sliding-window models (their cells cannot be "
-                              "moved between sequences whole): use parallel=1")
-        if parallel > 1 and self._residents.enabled:
-            raise ConfigError("batched generation and resident modules do not mix: use resident_budget=0 or "
-                              "parallel=1")
         held = ExitStack()
         held.enter_context(self._exclusive())
         held.callback(setattr, self, "_open_batch", None)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from pccpu.generation.logprobs import TokenLogprob
+
+__all__ = ["ModuleUse", "Result", "Source", "Timings", "TokenLogprob"]
+
 Source = Literal["ram", "disk", "remote", "encoded", "uncached"]
 
 
@@ -56,6 +60,8 @@ class Result:
     exact: bool = True
     # the next-token logits after the prompt (float32 over the vocabulary), kept when asked (keep_logits=True)
     first_logits: Any = field(default=None, repr=False, compare=False)
+    # each generated token's log-probability and the most likely tokens there, when asked (top_logprobs=k)
+    logprobs: tuple[TokenLogprob, ...] | None = field(default=None, repr=False)
 
     @property
     def prompt_tokens(self) -> int:
