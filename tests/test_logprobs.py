@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,10 @@ def test_real_model_answers_carry_their_logprobs(default_model_path: Path, tmp_p
         result = pc.chat(messages, max_tokens=8, top_logprobs=3, keep_logits=True, session=pc.session()).result()
         again = pc.chat(messages, max_tokens=8, top_logprobs=3, session=pc.session()).result()
         plain = pc.chat(messages, max_tokens=8, session=pc.session()).result()
-    assert plain.logprobs is None and plain.text == result.text
+    assert plain.logprobs is None and plain.text == result.text and plain.to_dict()["logprobs"] is None
+    as_json = json.loads(json.dumps(result.to_dict()))["logprobs"]  # Result.to_dict stays JSON-ready
+    assert [e["token"] for e in as_json] == [lp.token for lp in result.logprobs or ()]
+    assert "".join(e["piece"] for e in as_json) == result.text and len(as_json[0]["top"]) == 3
     assert result.logprobs is not None and len(result.logprobs) == result.generated_tokens == 8
     assert b"".join(lp.piece for lp in result.logprobs).decode() == result.text
     for lp in result.logprobs:  # greedy: the chosen token is the most likely one

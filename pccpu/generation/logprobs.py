@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,11 @@ class TokenLogprob:
     piece: bytes
     logprob: float
     top: tuple[TokenLogprob, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the piece as text (invalid UTF-8 replaced) and as its bytes."""
+        return {"token": self.token, "piece": self.piece.decode("utf-8", errors="replace"),
+                "bytes": list(self.piece), "logprob": self.logprob, "top": [t.to_dict() for t in self.top]}
 
 
 def check_top_logprobs(value: object) -> None:

@@ -74,5 +74,6 @@ class Result:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("first_logits")
+        out["logprobs"] = None if self.logprobs is None else [lp.to_dict() for lp in self.logprobs]  # no bytes
         out["prompt_tokens"] = self.prompt_tokens
         return out
